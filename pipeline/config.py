@@ -1,0 +1,91 @@
+"""Config helpers: the project-root resolver, validation of user values, flattening for MLflow."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pipeline.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+# conf/config.yaml places outputs/ under ${project_root:} whatever the working directory.
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+TARGET_STRATEGIES = ("next", "random", "least_likely")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+        raise ConfigError(f"{name}={value!r} is not a number; pass a float such as {name}=0.1")
+    return float(value)
+
+
+def _eps(name: str, value: Any) -> float:
+    eps = _number(name, value)
+    if not 0.0 <= eps <= 1.0:
+        raise ConfigError(
+            f"{name}={value} is out of range: eps is measured in [0,1] pixel space; "
+            f"pass a value between 0 and 1, e.g. {name}=0.1"
+        )
+    return eps
+
+
+def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    if upper is not None and value > upper:
+        raise ConfigError(f"{name}={value} is larger than the {upper} images available; "
+                          f"pass {name}=1..{upper}")
+    return value
+
+
+def eps_values(cfg: DictConfig) -> list[float]:
+    """The eps values one attack job evaluates: `attack.eps_list` if given, else `attack.eps`."""
+    eps_list = cfg.attack.get("eps_list")
+    if eps_list is None:
+        return [_eps("eps", cfg.attack.eps)]
+    if not isinstance(eps_list, ListConfig | list) or len(eps_list) == 0:
+        raise ConfigError(f"attack.eps_list={eps_list!r} must be a non-empty list, "
+                          "e.g. attack.eps_list=[0.05,0.1,0.2]")
+    return [_eps("attack.eps_list", e) for e in eps_list]
+
+
+def validate(cfg: DictConfig, test_set_size: int) -> None:
+    """Raise ConfigError with a one-line fix for any value the pipeline cannot run with."""
+    _number("eps", cfg.eps)
+    eps_values(cfg)
+    _positive_int("n_eval", cfg.n_eval, upper=test_set_size)
+    _positive_int("attack.batch_size", cfg.attack.batch_size)
+    _positive_int("train.batch_size", cfg.train.batch_size)
+    _positive_int("train.epochs", cfg.train.epochs)
+    if cfg.train.n_train is not None:
+        _positive_int("train.n_train", cfg.train.n_train)
+    if cfg.attack.targeted:
+        target = cfg.attack.target
+        n_classes = cfg.data.num_classes
+        is_class = isinstance(target, int) and not isinstance(target, bool)
+        if is_class and not 0 <= target < n_classes:
+            raise ConfigError(f"attack.target={target} is not a class index; "
+                              f"pass 0..{n_classes - 1} or one of {', '.join(TARGET_STRATEGIES)}")
+        if not is_class and target not in TARGET_STRATEGIES:
+            raise ConfigError(f"attack.target={target!r} is unknown; pass one of "
+                              f"{', '.join(TARGET_STRATEGIES)} or a class index 0..{n_classes - 1}")
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config → {"attack.name": "fgsm", "eps": 0.1, ...} (lists stay whole)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

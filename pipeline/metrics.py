@@ -1,0 +1,70 @@
+"""Distances, per-image attack outcomes and their aggregates: the one place norms and success are computed."""
+
+from __future__ import annotations
+
+import torch
+
+# metric keys of an attack run, in the order they are reported (DESIGN.md)
+METRIC_KEYS = (
+    "clean_accuracy", "adv_accuracy", "success_rate", "l2_mean", "l2_median",
+    "linf_mean", "linf_max", "l0_mean", "confidence_adv_mean", "eps",
+    "attack_seconds", "images_per_second",
+)
+
+
+def l0(delta: torch.Tensor) -> torch.Tensor:
+    """Number of changed elements per image: (B, ...) → (B,)."""
+    return (delta.flatten(1) != 0).sum(1).float()
+
+
+def l2(delta: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm per image: (B, ...) → (B,)."""
+    return delta.flatten(1).norm(p=2, dim=1)
+
+
+def linf(delta: torch.Tensor) -> torch.Tensor:
+    """Largest absolute change per image: (B, ...) → (B,)."""
+    return delta.flatten(1).abs().amax(1)
+
+
+def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+               clean_logits: torch.Tensor, adv_logits: torch.Tensor,
+               target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-image outcome of one attack on a batch; every value has shape (B,).
+
+    `success` holds only for images the model gets right when clean: untargeted, the
+    adversarial is misclassified; targeted, it is classified as `target`.
+    """
+    delta = (x_adv - x).detach()
+    clean_conf, clean_pred = clean_logits.softmax(1).max(1)
+    adv_conf, adv_pred = adv_logits.softmax(1).max(1)
+    clean_correct = clean_pred == y
+    fooled = adv_pred == target if target is not None else adv_pred != y
+    return {
+        "clean_pred": clean_pred, "clean_confidence": clean_conf,
+        "adv_pred": adv_pred, "adv_confidence": adv_conf,
+        "clean_correct": clean_correct, "adv_correct": adv_pred == y,
+        "success": clean_correct & fooled,
+        "l0": l0(delta), "l2": l2(delta), "linf": linf(delta),
+    }
+
+
+def summarize(samples: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Aggregate per-image outcomes of every eval image into the run's metrics.
+
+    Accuracies and norms are over all eval images; `success_rate` is over the
+    clean-correct ones only (NaN if there are none).
+    """
+    n_correct = int(samples["clean_correct"].sum())
+    success = samples["success"].sum().item() / n_correct if n_correct else float("nan")
+    return {
+        "clean_accuracy": samples["clean_correct"].float().mean().item(),
+        "adv_accuracy": samples["adv_correct"].float().mean().item(),
+        "success_rate": success,
+        "l2_mean": samples["l2"].mean().item(),
+        "l2_median": samples["l2"].median().item(),
+        "linf_mean": samples["linf"].mean().item(),
+        "linf_max": samples["linf"].max().item(),
+        "l0_mean": samples["l0"].mean().item(),
+        "confidence_adv_mean": samples["adv_confidence"].mean().item(),
+    }

@@ -1,0 +1,26 @@
+"""Target classes for targeted attacks, chosen by a named strategy or fixed."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_offsets(n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """A seeded offset in 1..num_classes-1 per eval image, so a random target is never the true class."""
+    return torch.randint(1, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def choose_targets(strategy: str | int, y: torch.Tensor, clean_logits: torch.Tensor,
+                   offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Target per image (B,): `next` = (y+1) mod C, `random` = (y+offset) mod C,
+    `least_likely` = argmin of the clean logits, an int = that class for every image."""
+    num_classes = clean_logits.shape[1]
+    if isinstance(strategy, int):
+        return torch.full_like(y, strategy)
+    if strategy == "next":
+        return (y + 1) % num_classes
+    if strategy == "random":
+        return (y + offsets.to(y.device)) % num_classes
+    if strategy == "least_likely":
+        return clean_logits.argmin(1)
+    raise ValueError(f"unknown target strategy {strategy!r}")

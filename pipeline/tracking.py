@@ -1,0 +1,307 @@
+"""MLflow: the one place that talks to the tracking store.
+
+Runs are driven through `MlflowClient` (no global "active run"), so a sweep's parent
+run and its jobs' child runs can be opened and closed independently. A run that
+ends with an exception is marked FAILED (KILLED on Ctrl-C) with the error as a tag,
+never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import matplotlib.pyplot as plt
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from omegaconf import DictConfig
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.errors import TrackingError, report
+from pipeline.viz import metric_curves
+
+for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.store.db.db_types"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+PARENT_ENV = "ADVEX_PARENT_RUN_ID"  # set while a sweep's parent run is open; jobs attach to it
+_BATCH = 100  # MLflow's limit of params/tags per log_batch call
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _probe(uri: str) -> None:
+    """Fail fast, with a fix, when the store cannot be reached or written."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # something answers; let the client judge it
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                "(`mlflow server`), fix MLFLOW_TRACKING_URI, or unset it to use outputs/mlflow.db"
+            ) from error
+    elif scheme == "sqlite":
+        directory = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(f"cannot create {directory} for the MLflow store ({error}); "
+                                "pass a writable paths.outputs or set MLFLOW_TRACKING_URI") from error
+        if not os.access(directory, os.W_OK):
+            raise TrackingError(f"{directory} is not writable, so the MLflow store {uri} cannot "
+                                "be written; pass a writable paths.outputs or set MLFLOW_TRACKING_URI")
+
+
+def provenance_tags() -> dict[str, str]:
+    """Git commit and library versions: what is needed to rerun a result exactly."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+
+    commit = git("rev-parse", "HEAD")
+    tags = {MLFLOW_GIT_COMMIT: commit, "git_commit": commit,
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+    for package in ("torch", "torchvision", "pytorch-lightning", "mlflow", "hydra-core"):
+        tags[f"version.{package}"] = version(package)
+    return tags
+
+
+class Tracker:
+    """A tracking store: experiments by name, runs with guaranteed end states, logging helpers."""
+
+    def __init__(self, uri: str, artifact_root: str | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        local = urlparse(uri).scheme in ("sqlite", "")
+        self.artifact_root = Path(artifact_root).resolve().as_uri() if artifact_root and local else None
+
+    @classmethod
+    def connect(cls, cfg: DictConfig) -> Tracker:
+        """The store in `cfg` (tracking group), checked to be reachable."""
+        _probe(cfg.uri)
+        tracker = cls(cfg.uri, cfg.get("artifact_root"))
+        try:
+            tracker.client.search_experiments(max_results=1)
+        except Exception as error:
+            raise TrackingError(f"MLflow store {cfg.uri} cannot be used ({_one_line(error)}); "
+                                "fix MLFLOW_TRACKING_URI or unset it") from error
+        return tracker
+
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a parallel job
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def start_run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
+        all_tags = {**provenance_tags(), **(tags or {}), MLFLOW_RUN_NAME: name}
+        if parent_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+        run_id = self.client.create_run(self.experiment_id(experiment), run_name=name).info.run_id
+        try:
+            self.log_params(run_id, params or {})
+            self.set_tags(run_id, all_tags)
+        except BaseException as error:
+            self.end_run(run_id, "FAILED", error)
+            raise
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        if error is None:
+            self.client.set_terminated(run_id, status)
+            return
+        try:  # the store itself may be what failed; do what can still be done
+            self.client.set_tag(run_id, "error", _one_line(error))
+        finally:
+            self.client.set_terminated(run_id, status)
+
+    @contextmanager
+    def run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
+            tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), never RUNNING."""
+        run_id = self.start_run(experiment, name, params, tags, parent_id)
+        try:
+            yield run_id
+        except KeyboardInterrupt as error:
+            self.end_run(run_id, "KILLED", error)
+            raise
+        except BaseException as error:
+            self.end_run(run_id, "FAILED", error)
+            raise
+        self.end_run(run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[i: i + _BATCH])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        items = [RunTag(key, str(value)) for key, value in tags.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, tags=items[i: i + _BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step)
+                                               for key, value in metrics.items()])
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def children(self, experiment: str, parent_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id(experiment)],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+            max_results=10_000)
+
+
+# ---------------------------------------------------------------- sweeps
+
+SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
+    "summary_success_accuracy.png": ("success_rate", "adv_accuracy"),
+    "summary_l2.png": ("l2_mean",),
+}
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """Keys a multirun sweeps over, e.g. ['eps'] for `attack=fgsm eps=0.05,0.1,0.2`."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def _as_number(value: str | None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def sweep_series(runs: list, swept: list[str], metrics: tuple[str, ...]) -> tuple[str, dict]:
+    """{metric: {line label: (xs, ys)}} against the first numeric swept key (else the first key),
+    one line per combination of the other swept values."""
+    def value(run, key):
+        return run.data.params.get(key, run.data.params.get(f"{key}.name"))
+
+    numeric = [k for k in swept if all(_as_number(value(r, k)) is not None for r in runs)]
+    x_key = (numeric or swept)[0]
+    others = [k for k in swept if k != x_key]
+    series: dict[str, dict] = {metric: {} for metric in metrics}
+    for run in sorted(runs, key=lambda r: _as_number(value(r, x_key)) or str(value(r, x_key))):
+        label = " ".join(f"{k}={value(run, k)}" for k in others)
+        x = _as_number(value(run, x_key)) if x_key in numeric else value(run, x_key)
+        for metric in metrics:
+            if metric in run.data.metrics:
+                xs, ys = series[metric].setdefault(label, ([], []))
+                xs.append(x)
+                ys.append(run.data.metrics[metric])
+    return x_key, series
+
+
+class Sweep:
+    """A multirun's parent run: created before the jobs, summarised and closed after them."""
+
+    open: list[Sweep] = []
+
+    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str]) -> None:
+        self.tracker, self.experiment = tracker, experiment
+        self.swept = swept_keys(overrides)
+        self.jobs = self.failed_jobs = 0
+        self.run_id = tracker.start_run(
+            experiment, "sweep " + " ".join(overrides),
+            params={"sweep.overrides": " ".join(overrides)},
+            tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep"})
+        os.environ[PARENT_ENV] = self.run_id
+        Sweep.open.append(self)
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        Sweep.open.remove(self)
+        os.environ.pop(PARENT_ENV, None)
+        try:
+            self._summarise()
+        finally:
+            failed = status == "FINISHED" and self.failed_jobs
+            self.tracker.end_run(self.run_id, "FAILED" if failed else status, error)
+
+    def _summarise(self) -> None:
+        runs = [r for r in self.tracker.children(self.experiment, self.run_id)
+                if r.info.status == "FINISHED"]
+        self.tracker.log_metrics(self.run_id, {"jobs": self.jobs, "jobs_failed": self.failed_jobs,
+                                               "children_finished": len(runs)})
+        if not runs or not self.swept:
+            return
+        for artifact, metrics in SUMMARY_PLOTS.items():
+            x_key, series = sweep_series(runs, self.swept, metrics)
+            self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"),
+                                    artifact)
+        self.tracker.log_dict(self.run_id, [
+            {"run_id": r.info.run_id, "run_name": r.info.run_name,
+             "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}
+            for r in runs], "sweep_summary.json")
+
+
+def finish_open_sweeps(status: str, error: BaseException | None = None) -> None:
+    """Close every parent run still open (on an error that escaped the sweep)."""
+    for sweep in list(Sweep.open):
+        sweep.finish(status, error)
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml): one parent run per multirun, jobs become its children."""
+
+    def __init__(self) -> None:
+        self.sweep: Sweep | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            tracker = Tracker.connect(config.tracking)
+        except TrackingError as error:
+            # Hydra would turn an exception here into a warning and start every job anyway
+            report(str(error))
+            raise SystemExit(2) from error
+        self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.jobs += 1
+            self.sweep.failed_jobs += job_return.status.name == "FAILED"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep is not None and self.sweep in Sweep.open:
+            self.sweep.finish()

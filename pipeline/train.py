@@ -1,0 +1,119 @@
+"""The train step: a cached checkpoint per training config, trained (and tracked) only when missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+
+from pipeline.cli import entrypoint, exit_on_user_error
+from pipeline.config import CONFIG_DIR, flatten, validate
+from pipeline.data import MNISTData
+from pipeline.errors import CheckpointError
+from pipeline.models import Classifier
+from pipeline.tracking import Tracker
+from pipeline.trainer import lightning_trainer
+
+CACHE_VERSION = 1  # bump when training code changes what a config's weights are
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    hash: str               # "" for a checkpoint given by the user
+    info: dict              # what training recorded next to it (test accuracy, run id, ...)
+
+
+def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
+    """Everything that determines the weights: model, data (and its checksums), training, seed,
+    numeric precision. (The device is left out: a CPU- and a GPU-trained model of one config
+    share a cache entry.)"""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    for knob in ("force", "log_every_n_steps"):  # do not change the weights
+        train.pop(knob, None)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for where in ("root", "_target_", "eval_batch_size"):  # where the files sit does not matter
+        data.pop(where, None)
+    return {"cache_version": CACHE_VERSION, "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": {**data, "sha256": checksums}, "train": train, "seed": cfg.seed,
+            "precision": cfg.trainer.precision}
+
+
+def checkpoint_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_for(cfg: DictConfig, data: MNISTData, tracker: Tracker) -> Checkpoint:
+    """The checkpoint to attack: `cfg.checkpoint` if given, else the cached one, trained if needed."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .ckpt "
+                                  "(see outputs/checkpoints/) or drop `checkpoint=` to train one")
+        return Checkpoint(path, "", {})
+    config = training_config(cfg, data.checksums)
+    digest = checkpoint_hash(config)
+    path = Path(cfg.paths.checkpoints).resolve() / f"{cfg.model.name}-{digest}.ckpt"
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file() and not cfg.train.force:
+        return Checkpoint(path, digest, json.loads(sidecar.read_text()))
+    info = train(cfg, data, tracker, config, digest, path)
+    sidecar.write_text(json.dumps(info, indent=2))
+    return Checkpoint(path, digest, info)
+
+
+def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, digest: str,
+          path: Path) -> dict:
+    """Fit, test on the full test set, save to `path`; all inside its own MLflow run."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = Classifier(net=config["model"]["net"], num_classes=cfg.data.num_classes,
+                       lr=cfg.train.lr, max_lr=cfg.train.max_lr,
+                       weight_decay=cfg.train.weight_decay)
+    tags = {"stage": "train", "checkpoint_hash": digest, "checkpoint": str(path)}
+    experiment = f"{cfg.tracking.experiment}-train"
+    with tracker.run(experiment, f"train {cfg.model.name} {digest[:8]}", flatten(config),
+                     tags) as run_id:
+        logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracker.uri, run_id=run_id)
+        trainer = lightning_trainer(cfg, logger=logger, max_epochs=cfg.train.epochs,
+                                    log_every_n_steps=cfg.train.log_every_n_steps)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        seconds = time.perf_counter() - start
+        (result,) = trainer.test(model, datamodule=data, verbose=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        trainer.save_checkpoint(partial, weights_only=True)
+        partial.replace(path)  # never leave a half-written checkpoint under the cached name
+        info = {"checkpoint_hash": digest, "test_accuracy": result["test_accuracy"],
+                "train_seconds": seconds, "train_run_id": run_id, "config": config}
+        tracker.log_metrics(run_id, {"test_accuracy": result["test_accuracy"],
+                                     "train_seconds": seconds})
+        tracker.log_artifact(run_id, path, "checkpoint")
+    print(f"trained {cfg.model.name}: test accuracy {result['test_accuracy']:.4f} "
+          f"in {seconds:.1f} s → {path}")
+    return info
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """`python -m pipeline.train <overrides>`: make sure the checkpoint for `cfg` exists."""
+    data = instantiate(cfg.data)
+    validate(cfg, test_set_size=data.test_size)
+    tracker = Tracker.connect(cfg.tracking)
+    data.prepare_data()
+    checkpoint = checkpoint_for(cfg, data, tracker)
+    accuracy = checkpoint.info.get("test_accuracy", float("nan"))
+    print(f"checkpoint {checkpoint.path} (test accuracy {accuracy:.4f})")
+
+
+if __name__ == "__main__":
+    entrypoint(main)

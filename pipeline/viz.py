@@ -1,0 +1,76 @@
+"""Figures: the per-run grid of examples and the per-sweep summary plots (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def _image(ax, img: torch.Tensor, **kwargs) -> None:
+    """Show a (C, H, W) tensor; one channel as a grey or diverging map, three as RGB."""
+    array = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+    ax.imshow(array.numpy(), **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def example_grid(examples: Mapping[str, torch.Tensor], title: str, columns: int = 4,
+                 class_names: Sequence[str] | None = None) -> Figure:
+    """Triplets original | perturbation (scaled to its own max) | adversarial, captioned with the
+    true label, predictions and confidences; red captions mark successful attacks."""
+    name = (lambda c: class_names[c]) if class_names else str
+    n = len(examples["y"])
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, 3 * columns, figsize=(3 * columns * 1.25, rows * 1.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        row, col = divmod(i, columns)
+        ax_x, ax_d, ax_a = axes[row, 3 * col: 3 * col + 3]
+        x, x_adv = examples["x"][i], examples["x_adv"][i]
+        delta = x_adv - x
+        scale = float(delta.abs().max()) or 1.0
+        grey = {"cmap": "gray", "vmin": 0, "vmax": 1}
+        _image(ax_x, x, **grey)
+        if delta.shape[0] == 1:
+            _image(ax_d, delta, cmap="RdBu_r", vmin=-scale, vmax=scale)
+        else:
+            _image(ax_d, (delta / (2 * scale) + 0.5).clamp(0, 1))
+        _image(ax_a, x_adv, **grey)
+        for ax in (ax_x, ax_d, ax_a):
+            ax.axis("on")
+        y, clean, adv = int(examples["y"][i]), int(examples["clean_pred"][i]), int(examples["adv_pred"][i])
+        ax_x.set_title(f"true {name(y)}\npred {name(clean)} "
+                       f"{examples['clean_confidence'][i]:.0%}", fontsize=7)
+        ax_d.set_title(f"perturbation\n±{scale:.3g}", fontsize=7)
+        target = f" → {name(int(examples['target'][i]))}" if "target" in examples else ""
+        ax_a.set_title(f"adv{target}\npred {name(adv)} {examples['adv_confidence'][i]:.0%}",
+                       fontsize=7, color="red" if bool(examples["success"][i]) else "black")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves(x_label: str, series: Mapping[str, Mapping[str, tuple[list, list]]],
+                  title: str) -> Figure:
+    """One panel per metric; in each, one line per series label: {metric: {label: (xs, ys)}}."""
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
+    for ax, (metric, lines) in zip(axes[0], series.items(), strict=True):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", label=label or None)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if any(lines):
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
