@@ -1,0 +1,69 @@
+"""Shared fixtures: the real MNIST files, a throw-away MLflow store, small configs, a tiny trained CNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from pipeline.config import CONFIG_DIR, PROJECT_ROOT
+from pipeline.data import ensure_mnist
+
+DATA_ROOT = PROJECT_ROOT / "outputs" / "data"
+
+# overrides that make a whole train+attack job take seconds
+SMALL = ["train.n_train=2000", "train.epochs=1", "train.batch_size=64",
+         "train.log_every_n_steps=5", "n_eval=200", "attack.batch_size=100",
+         "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def mnist_root():
+    ensure_mnist(DATA_ROOT)
+    return DATA_ROOT
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store, also seen by subprocesses through MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def small_overrides(outputs, *extra: str) -> list[str]:
+    """SMALL plus outputs under `outputs` (checkpoints included) and the shared MNIST files."""
+    return [*SMALL, f"paths.outputs={outputs}", f"paths.data={DATA_ROOT}", *extra]
+
+
+def make_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def all_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=10_000) if ids else []
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(mnist_root, tmp_path_factory):
+    """A small CNN trained for one epoch on 3000 images by the pipeline's own train step."""
+    from pipeline.data import MNISTData
+    from pipeline.models import load_classifier
+    from pipeline.tracking import Tracker
+    from pipeline.train import checkpoint_for
+
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = make_config(small_overrides(out, "train.n_train=3000", "seed=1"))
+    data = MNISTData(str(mnist_root), n_train=3000, seed=1)
+    data.prepare_data()
+    tracker = Tracker(f"sqlite:///{out}/mlflow.db", str(out / "artifacts"))
+    model = load_classifier(checkpoint_for(cfg, data, tracker).path)
+    _, eval_set = data.eval_subset(256, seed=0)
+    x, y, _ = eval_set.tensors
+    torch.manual_seed(0)
+    return model, x, y

@@ -1,0 +1,158 @@
+"""The command line as users type it: the sweep end to end, reruns, and every bad input."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.__main__ import main
+from pipeline.cli import entrypoint
+from pipeline.metrics import METRIC_KEYS
+from pipeline.train import main as train_main
+from tests.conftest import PROJECT_ROOT, SMALL, all_runs, small_overrides
+
+SWEEP = ["attack=fgsm", "eps=0.05,0.1,0.2"]  # as in README: python -m pipeline attack=fgsm eps=... -m
+
+
+def cli(args, store, timeout=600):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_children(store):
+    runs = all_runs(store)
+    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    return parents, {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                                     == p.info.run_id] for p in parents}
+
+
+@pytest.mark.slow
+def test_sweep_as_typed_then_rerun_gives_identical_metrics(mnist_root, store, tmp_path):
+    first = cli([*SWEEP, *small_overrides(tmp_path), "-m"], store)
+    assert first.returncode == 0, first.stderr[-3000:]
+    parents, children = sweep_children(store)
+    (parent,) = parents
+    kids = children[parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(kids) == 3
+    client = MlflowClient(store)
+    assert {"summary_success_accuracy.png", "summary_l2.png", "sweep_summary.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["jobs"] == 3 and parent.data.metrics["jobs_failed"] == 0
+    by_eps = {}
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        assert set(METRIC_KEYS) <= set(kid.data.metrics)
+        eps = kid.data.metrics["eps"]
+        assert kid.data.params["eps"] == f"{eps:g}"
+        assert f"examples_eps{eps:g}.png" in {a.path for a in client.list_artifacts(kid.info.run_id)}
+        by_eps[eps] = kid.data.metrics
+    assert sorted(by_eps) == [0.05, 0.1, 0.2]
+    rates = [by_eps[eps]["success_rate"] for eps in sorted(by_eps)]
+    assert rates == sorted(rates) and rates[-1] > rates[0]
+    assert len([r for r in all_runs(store) if r.data.tags.get("stage") == "train"]) == 1
+
+    second = cli([*SWEEP, *small_overrides(tmp_path), "-m"], store)
+    assert second.returncode == 0, second.stderr[-3000:]
+    parents, children = sweep_children(store)
+    (rerun,) = [p for p in parents if p.info.run_id != parent.info.run_id]
+    again = {k.data.metrics["eps"]: k.data.metrics for k in children[rerun.info.run_id]}
+    for eps, metrics in by_eps.items():
+        for key in set(METRIC_KEYS) - {"attack_seconds", "images_per_second"}:
+            assert again[eps][key] == metrics[key], (eps, key)
+    assert len([r for r in all_runs(store) if r.data.tags.get("stage") == "train"]) == 1
+
+
+def test_bad_input_in_a_real_process(store, tmp_path):
+    result = cli(["attack=nope", f"paths.outputs={tmp_path}"], store)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown attack 'nope'; valid options: fgsm (e.g. attack=fgsm)"]
+    assert all_runs(store) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD_INPUTS = {
+    "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: fgsm"),
+    "unknown model": (["model=resnet9000"], r"unknown model 'resnet9000'; valid options: cnn, mlp"),
+    "negative eps": (["eps=-0.1"], r"eps=-0.1 is out of range"),
+    "eps above 1": (["eps=1.5"], r"eps=1.5 is out of range"),
+    "eps not a number": (["eps=big"], r"eps='big' is not a number"),
+    "n_eval zero": (["n_eval=0"], r"n_eval=0 must be a positive integer"),
+    "n_eval too large": (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
+    "missing checkpoint": (["checkpoint=/no/such/model.ckpt"],
+                           r"checkpoint /no/such/model.ckpt does not exist"),
+    "unknown key": (["foo=1"], r"Could not override 'foo'"),
+}
+
+
+def invoke(task, args, outputs):
+    """Run the CLI in this process (saves a 15 s interpreter start-up per case)."""
+    sys.argv = ["pipeline", f"paths.outputs={outputs}", "trainer.enable_progress_bar=false", *args]
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint(task)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_no_run(name, store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    args, message = BAD_INPUTS[name]
+    assert invoke(main, args, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err
+    assert all_runs(store) == []
+
+
+def test_unreachable_tracking_server(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert invoke(main, [], tmp_path) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: MLflow tracking server {uri} is unreachable")
+    assert "MLFLOW_TRACKING_URI" in line
+
+
+def test_unreachable_tracking_server_in_a_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Hydra "callback raised" warning, no jobs started
+        assert invoke(main, ["eps=0.1,0.2", "-m"], tmp_path) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is unreachable" in line
+
+
+def test_a_failing_job_fails_the_sweep_but_not_the_others(mnist_root, store, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    args = [*SMALL, "eps=-0.1,0.05", "-m"]
+    assert invoke(main, args, tmp_path) == 2
+    assert "eps=-0.1 is out of range" in capsys.readouterr().err
+    parents, children = sweep_children(store)
+    (parent,) = parents
+    assert parent.info.status == "FAILED"
+    assert parent.data.metrics["jobs_failed"] == 1
+    (child,) = children[parent.info.run_id]
+    assert child.info.status == "FINISHED" and child.data.params["eps"] == "0.05"
+    assert not [r for r in all_runs(store) if r.info.status == "RUNNING"]
+
+
+def test_train_entry_point(mnist_root, store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pipeline.train", *small_overrides(tmp_path)])
+    entrypoint(train_main)
+    assert "test accuracy" in capsys.readouterr().out
+    (trained,) = all_runs(store)
+    assert trained.data.tags["stage"] == "train" and trained.info.status == "FINISHED"

@@ -1,0 +1,79 @@
+"""Every config group composes and instantiates; bad values give one-line errors."""
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from pipeline.config import CONFIG_DIR, flatten, validate
+from pipeline.errors import ConfigError
+from tests.conftest import make_config
+
+GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
+          for group in CONFIG_DIR.iterdir() if group.is_dir()}
+
+
+def test_groups_exist():
+    assert {"data", "model", "train", "attack", "tracking"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    import torch
+
+    cfg = make_config([f"{group}={option}", f"paths.outputs={tmp_path}"])
+    validate(cfg, test_set_size=10_000)
+    data = instantiate(cfg.data)
+    net = instantiate(cfg.model.net)
+    logits = net(torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, cfg.data.num_classes)
+    attack = instantiate(cfg.attack.fn)
+    x_adv = attack(net.eval(), torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), eps=cfg.eps)
+    assert x_adv.shape == (2, 1, 28, 28)
+    assert data.root == cfg.paths.data
+    assert cfg.tracking.uri.startswith(("sqlite:///", "http"))
+
+
+def test_defaults_match_the_contract(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_config([])
+    assert (cfg.eps, cfg.seed, cfg.n_eval) == (0.1, 0, 5000)
+    assert cfg.attack.eps == cfg.eps and cfg.model.name == "cnn" and cfg.attack.name == "fgsm"
+    assert cfg.tracking.uri == f"sqlite:///{CONFIG_DIR.parent}/outputs/mlflow.db"
+
+
+def test_tracking_uri_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert make_config([]).tracking.uri == "http://tracking.example:5000"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["eps=-0.1"], r"eps=-0.1 is out of range.*between 0 and 1"),
+    (["eps=1.5"], r"eps=1.5 is out of range"),
+    (["eps=abc"], r"eps='abc' is not a number"),
+    (["eps=nan"], r"is not a number"),
+    (["attack.eps_list=[0.1,2]"], r"attack.eps_list=2 is out of range"),
+    (["attack.eps_list=[]"], r"must be a non-empty list"),
+    (["n_eval=0"], r"n_eval=0 must be a positive integer"),
+    (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
+    (["attack.batch_size=0"], r"attack.batch_size=0 must be a positive integer"),
+    (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
+    (["attack.targeted=true", "attack.target=sideways"], r"attack.target='sideways' is unknown"),
+])
+def test_bad_values_raise_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_config(overrides), test_set_size=10_000)
+
+
+@pytest.mark.parametrize("target", ["next", "random", "least_likely", 0, 9])
+def test_valid_targets_pass(target):
+    validate(make_config(["attack.targeted=true", f"attack.target={target}"]), test_set_size=10_000)
+
+
+def test_flatten_gives_dotted_keys():
+    cfg = make_config([])
+    flat = flatten(cfg)
+    assert flat["attack.name"] == "fgsm" and flat["eps"] == 0.1 and flat["model.name"] == "cnn"
+    assert flat["model.net.channels"] == [32, 64]
+    with open_dict(cfg):
+        cfg.extra = {"a": {"b": 1}}
+    assert flatten(cfg)["extra.a.b"] == 1

@@ -1,0 +1,52 @@
+"""Networks, checkpoint loading and the checkpoint cache key."""
+
+import pytest
+import torch
+
+from pipeline import load_classifier
+from pipeline.errors import CheckpointError
+from pipeline.models import CNN, MLP
+from pipeline.train import checkpoint_hash, training_config
+from tests.conftest import make_config
+
+CHECKSUMS = {"t10k-images-idx3-ubyte": "abc"}
+
+
+@pytest.mark.parametrize("net", [CNN(), MLP(), MLP(hidden=[200, 200]), MLP(hidden=[])])
+def test_nets_map_images_to_logits(net):
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_mlp_is_fc100_100_10():
+    shapes = [tuple(p.shape) for p in MLP().parameters()]
+    assert shapes == [(100, 784), (100,), (100, 100), (100,), (10, 100), (10,)]
+
+
+def test_load_classifier_missing_and_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_classifier(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read.*train.force=true"):
+        load_classifier(bad)
+
+
+def _hash(*overrides):
+    return checkpoint_hash(training_config(make_config(list(overrides)), CHECKSUMS))
+
+
+def test_cache_key_covers_what_determines_the_weights():
+    base = _hash()
+    for changed in (["seed=1"], ["model=mlp"], ["train.epochs=2"], ["train.lr=0.01"],
+                    ["train.n_train=100"], ["data.val_size=1000"], ["model.net.hidden=64"],
+                    ["trainer.precision=bf16-mixed"]):
+        assert _hash(*changed) != base, changed
+    assert checkpoint_hash(training_config(make_config([]), {"t10k-images-idx3-ubyte": "x"})) != base
+
+
+def test_cache_key_ignores_what_does_not():
+    base = _hash()
+    for same in (["train.force=true"], ["eps=0.3"], ["n_eval=10"], ["attack.batch_size=7"],
+                 ["paths.outputs=/elsewhere"], ["paths.data=/elsewhere"],
+                 ["data.eval_batch_size=10"], ["trainer.enable_progress_bar=false"]):
+        assert _hash(*same) == base, same
