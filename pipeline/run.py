@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -48,7 +49,12 @@ def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackRe
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Attack the (cached or freshly trained) classifier as `cfg` says; return the metrics of the
-    last eps. Raises PipelineError subclasses for bad input, before any MLflow run is opened."""
+    last eps. Raises PipelineError subclasses for bad input, before any MLflow run is opened.
+
+    Besides the attack metrics the run gets where its time went: `seconds_setup` (data,
+    checkpoint, model; training too when it happens), `seconds_attack_step` (the Lightning
+    test loop: clean pass, attack, evaluation) and `seconds_tracking` (MLflow and figures)."""
+    start = time.perf_counter()
     data = instantiate(cfg.data)
     validate(cfg, test_set_size=data.test_size)
     tracker = Tracker.connect(cfg.tracking)
@@ -56,14 +62,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
     checkpoint = checkpoint_for(cfg, data, tracker)
     classifier = load_classifier(checkpoint.path)
     indices, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    opened = time.perf_counter()
 
     with tracker.run(cfg.tracking.experiment, _run_name(cfg), flatten(cfg),
                      _tags(checkpoint, data.checksums), parent_id=os.environ.get(PARENT_ENV)) as run_id:
         tracker.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         tracker.log_dict(run_id, _overrides(), "overrides.yaml")
         tracker.log_dict(run_id, indices, "eval_indices.json")
+        attack_start = time.perf_counter()
         result = run_attack(cfg, classifier, eval_set)
+        attack_step = time.perf_counter() - attack_start
         _log_result(tracker, run_id, cfg, result)
+        tracker.log_metrics(run_id, {
+            "seconds_setup": opened - start, "seconds_attack_step": attack_step,
+            "seconds_tracking": time.perf_counter() - opened - attack_step})
 
     for m in result.metrics:
         print(f"{cfg.attack.name} eps={m['eps']:g}: clean acc {m['clean_accuracy']:.2%}, "

@@ -32,7 +32,9 @@ def test_attack_run_records_the_contract(mnist_root, store, tmp_path):
     assert set(metrics) == set(METRIC_KEYS)
     (attack_run,) = _runs(store, "mnist")
     assert attack_run.info.status == "FINISHED"
-    assert set(attack_run.data.metrics) == set(METRIC_KEYS)
+    timing = {"seconds_setup", "seconds_attack_step", "seconds_tracking"}
+    assert set(attack_run.data.metrics) == set(METRIC_KEYS) | timing
+    assert all(attack_run.data.metrics[key] > 0 for key in timing)
     assert attack_run.data.metrics["eps"] == 0.1
     params, tags = attack_run.data.params, attack_run.data.tags
     assert params["attack.name"] == "fgsm" and params["model.name"] == "cnn"
