@@ -19,7 +19,7 @@ $(CURDIR)/.tools/uv/bin/uv:
 	$(PYTHON) -m pip install --quiet --target $(CURDIR)/.tools/uv uv
 
 $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --extra bench
 	@touch $@
 
 install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock)
