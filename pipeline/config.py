@@ -62,6 +62,9 @@ def validate(cfg: DictConfig, test_set_size: int) -> None:
     eps_values(cfg)
     _positive_int("n_eval", cfg.n_eval, upper=test_set_size)
     _positive_int("attack.batch_size", cfg.attack.batch_size)
+    workers = cfg.cpu_workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")
     _positive_int("train.batch_size", cfg.train.batch_size)
     _positive_int("train.epochs", cfg.train.epochs)
     if cfg.train.n_train is not None:

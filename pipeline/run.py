@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         attack_start = time.perf_counter()
         result = run_attack(cfg, classifier, eval_set)
         attack_step = time.perf_counter() - attack_start
+        tracker.set_tags(run_id, {"cpu_workers_used": str(result.cpu_workers)})
         _log_result(tracker, run_id, cfg, result)
         tracker.log_metrics(run_id, {
             "seconds_setup": opened - start, "seconds_attack_step": attack_step,

@@ -56,6 +56,8 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
     (["n_eval=0"], r"n_eval=0 must be a positive integer"),
     (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
     (["attack.batch_size=0"], r"attack.batch_size=0 must be a positive integer"),
+    (["cpu_workers=0"], r"cpu_workers=0 must be 'auto' or a positive integer"),
+    (["cpu_workers=some"], r"cpu_workers='some' must be 'auto' or a positive integer"),
     (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
     (["attack.targeted=true", "attack.target=sideways"], r"attack.target='sideways' is unknown"),
 ])

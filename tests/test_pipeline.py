@@ -81,6 +81,14 @@ def test_same_config_gives_identical_metrics(mnist_root, store, tmp_path):
     assert _numbers(run(cfg)) == _numbers(run(cfg))
 
 
+def test_splitting_batches_over_cpu_workers_changes_no_number(mnist_root, store, tmp_path):
+    split, whole = (run(make_config(small_overrides(tmp_path, f"cpu_workers={n}", "eps=0.2")))
+                    for n in (2, 1))
+    assert _numbers(split) == _numbers(whole)
+    workers_used = sorted(r.data.tags["cpu_workers_used"] for r in _runs(store, "mnist"))
+    assert workers_used == ["1", "2"]
+
+
 def test_eps_list_evaluates_every_eps_from_one_gradient(mnist_root, store, tmp_path):
     separate = {eps: _numbers(run(make_config(small_overrides(tmp_path, f"eps={eps}"))))
                 for eps in (0.05, 0.2)}
