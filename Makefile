@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui test lint clean
+.PHONY: help install data train attack sweep demo ui bench test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
+
+bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
+	$(RUN) python -m pipeline.bench $(BENCH)
 
 test: data ## the whole test suite
 	$(RUN) pytest

@@ -38,9 +38,9 @@ def small_overrides(outputs, *extra: str) -> list[str]:
     return [*SMALL, f"paths.outputs={outputs}", f"paths.data={DATA_ROOT}", *extra]
 
 
-def make_config(overrides: list[str]) -> DictConfig:
+def make_config(overrides: list[str], name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
 
 
 def all_runs(uri: str) -> list:

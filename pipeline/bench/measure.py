@@ -1,0 +1,64 @@
+"""Timing: warm-up, round-robin repeats, medians; the forward(+backward) passes an attack needs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batch = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: int,
+                   device: torch.device) -> dict[str, float]:
+    """Median wall time of each function over `repeats` calls after one warm-up call each.
+
+    Repeats go round-robin over the functions, so drift in the machine's speed during
+    the measurement reaches every function alike and their ratios stay fair."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def over_batches(fn: Batch, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fn(x_batch, y_batch) -> tensor, applied batch by batch, results concatenated."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(x[i: i + batch_size], y[i: i + batch_size])
+                          for i in range(0, len(x), batch_size)])
+    return run
+
+
+def forward_backward(model: nn.Module, passes: int = 1) -> Batch:
+    """The floor for one batch: `passes` forward+backward passes; returns the input gradient."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for _ in range(passes):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+        return grad
+    return run
+
+
+def forward(model: nn.Module) -> Batch:
+    """One forward pass per image of a batch without gradients (evaluating adversarials)."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+    return run

@@ -1,0 +1,116 @@
+"""The benchmark report: the machine, markdown tables, files under outputs/bench/, an MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from pipeline.tracking import Tracker
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+            "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _agreement(row: dict) -> str:
+    if row["identical_fraction"] == 1:
+        return "identical adversarials"
+    text = f"{row['identical_fraction']:.1%} identical, max diff {row['max_abs_difference']:.2g}"
+    return text + ("" if row["agrees"] else " — **adv acc differs**")
+
+
+def markdown(report: dict) -> str:
+    m, c = report["machine"], report["config"]
+    lines = [f"# Benchmark {report['date']} (commit {report['commit'][:10]})", "",
+             f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
+             f"device {m['device']}, torch {m['torch']}; {c['n']} MNIST test images, "
+             f"batch {c['batch_size']}, eps {c['eps']}, median of {c['repeats']} repeats.", ""]
+    if report.get("attacks"):
+        lines += ["| attack | implementation | img/s | vs floor | vs fastest peer | adv acc | agreement |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in report["attacks"]:
+            if "note" in r:
+                lines.append(f"| {r['attack']} | {r['implementation']} | | | | | {r['note']} |")
+                continue
+            agreement = _agreement(r) if "identical_fraction" in r else ""
+            lines.append(f"| {r['attack']} | {r['implementation']} | {r['images_per_second']:,.0f} | "
+                         f"{r['vs_floor']:.2f} | {r['vs_fastest_peer']:.2f} | "
+                         f"{_fmt(r.get('adv_accuracy'), '.4f')} | {agreement} |")
+        lines += ["", "vs floor: against the floor run the same way (rows split over cores against the "
+                  "split floor). Agreement: adversarials compared image by image with ours.", ""]
+    if e := report.get("eps_list"):
+        lines += [f"**eps list** {e['eps_list']} on {e['images']} images: one gradient "
+                  f"{e['list_seconds']:.3f} s (expected 1 fwd+bwd + {len(e['eps_list'])} fwd = "
+                  f"{e['list_expected_seconds']:.3f} s, ratio {e['list_vs_expected']:.2f}); separate jobs "
+                  f"{e['separate_seconds']:.3f} s (expected {e['separate_expected_seconds']:.3f} s, "
+                  f"ratio {e['separate_vs_expected']:.2f}); speed-up {e['speedup']:.2f}×", ""]
+    if t := report.get("training"):
+        lines += [f"**training** {t['model']}, {t['epochs']} epochs: {t['wall_seconds']:.1f} s wall "
+                  f"({t['fit_seconds']:.1f} s fitting), test accuracy {t['test_accuracy']:.4f}", ""]
+    if s := report.get("end_to_end"):
+        lines += [f"**end to end** `python -m pipeline {s['sweep']} n_eval={s['n_eval']} -m` "
+                  f"(checkpoint cached): {s['wall_seconds']:.1f} s wall = start-up "
+                  f"{s['startup_seconds']:.1f} + job setup {s['setup_seconds']:.1f} + attack compute "
+                  f"{s['attack_seconds']:.1f} + tracking {s['tracking_seconds']:.1f} + other "
+                  f"{s['other_seconds']:.1f}; attack compute is {s['attack_fraction']:.0%} of the wall "
+                  f"time (generating adversarials alone {s['attack_generation_seconds']:.2f} s)", ""]
+    return "\n".join(lines)
+
+
+def findings(report: dict) -> list[str]:
+    """Disagreements with our adversarials: same attack, same eps, different adversarial accuracy."""
+    rows = report.get("attacks", [])
+    ours = {r["attack"]: r["adv_accuracy"] for r in rows if r["key"] == "ours"}
+    return [f"{r['implementation']} {r['attack']}: adv accuracy {r['adv_accuracy']:.4f}, ours "
+            f"{ours[r['attack']]:.4f}" for r in rows if r.get("agrees") is False]
+
+
+def save(report: dict, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / report["date"].replace(":", "-").replace(" ", "_")
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(report, indent=2))
+    md_path.write_text(markdown(report) + "\n")
+    return json_path, md_path
+
+
+def _metrics(report: dict) -> dict[str, float]:
+    metrics = {}
+    for r in report.get("attacks", []):
+        if "images_per_second" in r:
+            key = f"{r['attack']}.{r['key']}"
+            metrics.update({f"{key}.images_per_second": r["images_per_second"],
+                            f"{key}.vs_floor": r["vs_floor"], f"{key}.vs_fastest_peer": r["vs_fastest_peer"]})
+    for section in ("eps_list", "training", "end_to_end"):
+        for key, value in report.get(section, {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"{section}.{key}"] = value
+    return metrics
+
+
+def log(tracker: Tracker, experiment: str, report: dict, paths: tuple[Path, ...]) -> str:
+    params = {f"bench.{k}": v for k, v in report["config"].items()}
+    tags = {"stage": "bench", **{f"machine.{k}": str(v) for k, v in report["machine"].items()}}
+    with tracker.run(experiment, f"bench {report['date']}", params, tags) as run_id:
+        tracker.log_metrics(run_id, _metrics(report))
+        for path in paths:
+            tracker.log_artifact(run_id, path)
+    return run_id

@@ -1,0 +1,180 @@
+"""The benchmark's sections. Each returns plain dicts that the report prints and saves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.attacks import fgsm
+from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Setup
+from pipeline.bench.measure import Batch, forward, forward_backward, median_seconds, over_batches
+from pipeline.config import PROJECT_ROOT
+from pipeline.tracking import Tracker
+from pipeline.train import checkpoint_for
+
+OURS = "advex-pipeline"
+
+
+def _label(peer: str) -> str:
+    try:
+        return f"{peer} {version(PEER_PACKAGES[peer])}"
+    except PackageNotFoundError:
+        return peer
+
+
+def _accuracy(model, x_adv: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    logits = over_batches(forward(model), batch_size)(x_adv, y)
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def _agreement(theirs: torch.Tensor, ours: torch.Tensor, their_acc: float, our_acc: float) -> dict:
+    same_image = (theirs == ours).flatten(1).all(1)
+    return {"identical_fraction": same_image.float().mean().item(),
+            "max_abs_difference": (theirs - ours).abs().max().item(),
+            "agrees": their_acc == our_acc}
+
+
+def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
+    """fn as the attack step runs a batch here: split over CPU cores when it splits."""
+    if setup.split is None:
+        return fn
+    return lambda x, y: setup.split(lambda xs, ys, _: fn(xs, ys), x, y)
+
+
+def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
+    """Images/s of our attack, each installed peer and the floor; peers' agreement with us.
+
+    With a CPU split, ours and the floor appear twice: as the attack step runs them (each batch
+    split over the cores) and as plain calls; each is compared with the floor run the same way."""
+    attack, bs = ATTACKS[name], setup.batch_size
+    ours, floor = attack.ours(setup), forward_backward(setup.model, attack.floor_passes)
+    floor_name = f"floor: {attack.floor_passes} fwd+bwd"
+    rows = []  # (key, label, role, run, floor key)
+    if setup.split is not None:
+        cores = f"split over {setup.split.workers} cores"
+        rows += [("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, ours), "floor_split"),
+                 ("floor_split", f"{floor_name} ({cores})", "floor", _as_attack_step(setup, floor),
+                  "floor_split")]
+    rows += [("ours_one_call" if setup.split else "ours", f"{OURS} (one call per batch)", "ours",
+              ours, "floor"), ("floor", floor_name, "floor", floor, "floor")]
+    missing = []
+    for peer, make in attack.peers.items():
+        try:
+            rows.append((peer, _label(peer), "peer", make(setup), "floor"))
+        except ImportError as error:
+            missing.append({"attack": name, "key": peer, "implementation": peer, "role": "peer",
+                            "note": f"not installed ({error}); `uv sync --extra bench`"})
+    runs = {key: (run if role == "peer" else over_batches(run, bs)) for key, _, role, run, _ in rows}
+    seconds = median_seconds({key: (lambda run=run: run(x, y)) for key, run in runs.items()},
+                             repeats, setup.device)
+    speed = {key: len(x) / s for key, s in seconds.items()}
+    fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer"), default=float("nan"))
+    adversarials = {key: runs[key](x, y) for key, _, role, _, _ in rows if role != "floor"}
+    accuracy = {key: _accuracy(setup.model, adv, y, bs) for key, adv in adversarials.items()}
+
+    table = []
+    order = sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2]))
+    for key, label, role, _, floor_key in order:
+        row = {"attack": name, "key": key, "implementation": label, "role": role,
+               "images_per_second": speed[key], "floor": floor_key,
+               "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer}
+        if key in adversarials:
+            row["adv_accuracy"] = accuracy[key]
+            if key != "ours":
+                row.update(_agreement(adversarials[key], adversarials["ours"], accuracy[key],
+                                      accuracy["ours"]))
+        table.append(row)
+    return table + missing
+
+
+def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.Tensor,
+                 repeats: int) -> dict:
+    """FGSM over K eps as the attack step runs it: one gradient + K evaluations, against K
+    separate attack+evaluation jobs. Expected costs from the passes measured the same way:
+    1 fwd+bwd + K fwd, and K (fwd+bwd + fwd)."""
+    model, bs, k = setup.model, setup.batch_size, len(eps_list)
+    evaluate = forward(model)
+
+    def one_gradient(xb, yb):
+        return torch.cat([evaluate(x_adv, yb) for x_adv in fgsm(model, xb, yb, eps_list)])
+
+    def separate(eps):
+        return lambda xb, yb: evaluate(fgsm(model, xb, yb, eps), yb)
+
+    def timed(fn):
+        run = over_batches(_as_attack_step(setup, fn), bs)
+        return lambda: run(x, y)
+
+    t = median_seconds({"list": timed(one_gradient),
+                        "separate": lambda: [timed(separate(eps))() for eps in eps_list],
+                        "fwd_bwd": timed(forward_backward(model)), "fwd": timed(evaluate)},
+                       repeats, setup.device)
+    expected_list = t["fwd_bwd"] + k * t["fwd"]
+    expected_separate = k * (t["fwd_bwd"] + t["fwd"])
+    return {"eps_list": list(eps_list), "images": len(x),
+            "list_seconds": t["list"], "list_expected_seconds": expected_list,
+            "list_vs_expected": t["list"] / expected_list,
+            "separate_seconds": t["separate"], "separate_expected_seconds": expected_separate,
+            "separate_vs_expected": t["separate"] / expected_separate,
+            "speedup": t["separate"] / t["list"]}
+
+
+def training(cfg: DictConfig, tracker: Tracker) -> dict:
+    """Train the configured model from scratch (into a temporary folder, the cache untouched)."""
+    cfg = cfg.copy()
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        OmegaConf.update(cfg, "train.force", True)
+        OmegaConf.update(cfg, "paths.checkpoints", tmp)
+        start = time.perf_counter()
+        info = checkpoint_for(cfg, data, tracker).info
+        wall = time.perf_counter() - start
+    return {"model": cfg.model.name, "epochs": cfg.train.epochs, "wall_seconds": wall,
+            "fit_seconds": info["train_seconds"], "test_accuracy": info["test_accuracy"]}
+
+
+def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
+    """The demo sweep as a user runs it (a fresh process, attacking the already trained
+    `checkpoint`), split into start-up, per-job setup, attack compute, tracking, and the rest."""
+    sweep = list(cfg.end_to_end.sweep)
+    accelerator = "gpu" if cfg.device.startswith("cuda") else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        command = [sys.executable, "-m", "pipeline", *sweep, f"n_eval={cfg.end_to_end.n_eval}",
+                   "trainer.enable_progress_bar=false", f"trainer.accelerator={accelerator}",
+                   f"paths.outputs={tmp}", f"paths.data={cfg.paths.data}",
+                   f"checkpoint={checkpoint}", "-m"]
+        launched = time.time()
+        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        wall = time.time() - launched
+        if done.returncode != 0:
+            raise RuntimeError(f"sweep failed: {done.stderr.strip().splitlines()[-1:]}")
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("stage") == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+    def total(key):
+        return sum(r.data.metrics[key] for r in children)
+
+    last_child_end = max(r.info.end_time for r in children) / 1000
+    parts = {"startup_seconds": parent.info.start_time / 1000 - launched,
+             "setup_seconds": total("seconds_setup"),
+             "attack_seconds": total("seconds_attack_step"),
+             "tracking_seconds": total("seconds_tracking") + parent.info.end_time / 1000 - last_child_end}
+    parts["other_seconds"] = wall - sum(parts.values())
+    return {"sweep": " ".join(sweep), "n_eval": cfg.end_to_end.n_eval, "jobs": len(children),
+            "wall_seconds": wall, **parts,
+            "attack_fraction": parts["attack_seconds"] / wall,
+            "attack_generation_seconds": total("attack_seconds")}

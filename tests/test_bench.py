@@ -1,0 +1,73 @@
+"""The benchmark harness on a tiny model and a few images, one repeat: structure and agreement, not speed."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.bench.harness import run_bench
+from pipeline.errors import ConfigError
+from tests.conftest import make_config, small_overrides
+
+PEERS = {"torchattacks", "foolbox", "art", "advertorch"}
+
+
+def bench_config(outputs, *extra):
+    return make_config([*small_overrides(outputs), "n=48", "batch_size=16", "repeats=1", "cpu_workers=2",
+                        "end_to_end.n_eval=32", *extra], name="bench")
+
+
+@pytest.mark.slow
+def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
+    report = run_bench(bench_config(tmp_path, "eps=0.2"))
+
+    rows = {r["key"]: r for r in report["attacks"]}
+    assert [r["role"] for r in report["attacks"]] == ["ours"] * 2 + ["peer"] * 4 + ["floor"] * 2
+    assert set(rows) == {"ours", "ours_one_call", "floor", "floor_split", *PEERS}
+    assert rows["ours"]["implementation"] == "advex-pipeline (split over 2 cores)"
+    assert rows["floor"]["implementation"] == "floor: 1 fwd+bwd"
+    fastest_peer = max(rows[p]["images_per_second"] for p in PEERS)
+    for row in rows.values():
+        assert row["attack"] == "fgsm" and row["images_per_second"] > 0
+        floor = rows[row["floor"]]["images_per_second"]
+        assert row["vs_floor"] == pytest.approx(row["images_per_second"] / floor)
+        assert row["vs_fastest_peer"] == pytest.approx(row["images_per_second"] / fastest_peer)
+    assert rows["ours"]["floor"] == "floor_split" and rows["ours_one_call"]["floor"] == "floor"
+    assert 0 <= rows["ours"]["adv_accuracy"] < 1
+    for key in (*PEERS, "ours_one_call"):  # FGSM is deterministic: every one gives our adversarials
+        assert rows[key]["identical_fraction"] == 1.0 and rows[key]["max_abs_difference"] == 0
+        assert rows[key]["agrees"] and rows[key]["adv_accuracy"] == rows["ours"]["adv_accuracy"]
+
+    eps = report["eps_list"]
+    assert eps["eps_list"] == [0.05, 0.1, 0.2] and eps["images"] == 48
+    assert eps["list_vs_expected"] > 0 and eps["speedup"] > 0
+    assert report["training"]["test_accuracy"] > 0.5 and report["training"]["wall_seconds"] > 0
+    e2e = report["end_to_end"]
+    assert e2e["jobs"] == 3 and e2e["n_eval"] == 32
+    parts = ("startup_seconds", "setup_seconds", "attack_seconds", "tracking_seconds", "other_seconds")
+    assert sum(e2e[p] for p in parts) == pytest.approx(e2e["wall_seconds"])
+    assert all(e2e[p] > 0 for p in parts[:4])
+
+    (json_path,) = (tmp_path / "bench").glob("*.json")
+    assert json.loads(json_path.read_text())["attacks"] == json.loads(json.dumps(report["attacks"]))
+    markdown = json_path.with_suffix(".md").read_text()
+    assert "| fgsm | advex-pipeline (split over 2 cores) |" in markdown
+    assert markdown.count("identical adversarials") == 5
+    assert "**end to end**" in markdown and "**training**" in markdown
+
+    run = MlflowClient(store).get_run(report["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["machine.cores"] and run.data.tags["machine.torch"]
+    assert run.data.metrics["fgsm.ours.images_per_second"] == rows["ours"]["images_per_second"]
+    assert "end_to_end.attack_fraction" in run.data.metrics
+
+
+@pytest.mark.parametrize("override,message", [
+    ("attacks=[nope]", r"no benchmark for attack\(s\) \['nope'\]; choose from \['fgsm'\]"),
+    ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
+    ("n=0", r"n=0 must be a positive integer"),
+    ("batch_size=-1", r"batch_size=-1 must be a positive integer"),
+])
+def test_bad_bench_config(override, message, store, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_bench(bench_config(tmp_path, override))
