@@ -150,6 +150,7 @@ def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
     accelerator = "gpu" if cfg.device.startswith("cuda") else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
+        MlflowClient(uri).search_experiments()  # create the store now: users' stores already exist
         command = [sys.executable, "-m", "pipeline", *sweep, f"n_eval={cfg.end_to_end.n_eval}",
                    "trainer.enable_progress_bar=false", f"trainer.accelerator={accelerator}",
                    f"paths.outputs={tmp}", f"paths.data={cfg.paths.data}",
