@@ -21,7 +21,8 @@ from pipeline.targets import choose_targets, random_offsets
 from pipeline.trainer import lightning_trainer
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock timings cover the work they mean to."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -59,26 +60,26 @@ class AttackStep(L.LightningModule):
             return [self.attack(self.classifier, x, y, eps=self.eps[0], **kwargs)]
         return list(self.attack(self.classifier, x, y, eps=self.eps, **kwargs))
 
-    def _split(self, fn, x, y, target=None):
-        if self.split is not None and x.device.type == "cpu":
-            return self.split(fn, x, y, target)
-        return fn(x, y, target)
+    def _split(self, fn, *tensors):
+        if self.split is not None and tensors[0].device.type == "cpu":
+            return self.split(fn, *tensors)
+        return fn(*tensors)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        def forward(xs, ys, ts):
+        def forward(xs):
             with torch.no_grad():  # worker threads do not inherit the test loop's no_grad
                 return self.classifier(xs)
-        return self._split(forward, x, x)
+        return self._split(forward, x)
 
     def test_step(self, batch, batch_idx):
         x, y, position = batch  # (B, C, H, W) in [0, 1], (B,), (B,)
         clean_logits = self._logits(x)
         target = (choose_targets(self.target, y, clean_logits, self.offsets[position])
                   if self.targeted else None)
-        _sync(x.device)
+        sync(x.device)
         start = time.perf_counter()
         adversarials = self._split(self._attack, x, y, target)
-        _sync(x.device)
+        sync(x.device)
         self.attack_seconds += time.perf_counter() - start
 
         keep = min(self.n_examples - self.n_kept, len(x))

@@ -26,9 +26,9 @@ def cpu_workers(setting: int | str) -> int:
 
 
 class CoreSplit:
-    """`split(fn, x, y, target)` runs fn on slices of at most `slice_size` images, spread over
-    `workers` threads of one intra-op thread each, and concatenates the results (a tensor or a
-    list of tensors) in order."""
+    """`split(fn, x, y, ...)` runs fn on slices of at most `slice_size` images of every tensor
+    argument (None stays None), spread over `workers` threads of one intra-op thread each, and
+    concatenates the results (a tensor or a list of tensors) in order."""
 
     def __init__(self, workers: int, slice_size: int = 64) -> None:
         self.workers, self.slice_size = workers, slice_size
@@ -45,14 +45,12 @@ class CoreSplit:
         list(self.pool.map(lambda _: None, range(workers)))
         torch.set_num_threads(main_threads)  # the process-wide default stays as it was
 
-    def __call__(self, fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None = None):
+    def __call__(self, fn: Callable, x: torch.Tensor, *more: torch.Tensor | None):
         per_worker = -(-len(x) // (self.slice_size * self.workers))  # ceil: slices per worker
         n = self.workers * per_worker                                  # equal work for every core
-        targets = target.tensor_split(n) if target is not None else [None] * n
-        slices = [(xs, ys, ts) for xs, ys, ts in
-                  zip(x.tensor_split(n), y.tensor_split(n), targets, strict=True) if len(xs)]
-        results = list(self.pool.map(lambda s: fn(*s), slices))
+        columns = [t.tensor_split(n) if t is not None else [None] * n for t in (x, *more)]
+        slices = [args for args in zip(*columns, strict=True) if len(args[0])]
+        results = list(self.pool.map(lambda args: fn(*args), slices))
         if isinstance(results[0], torch.Tensor):
             return torch.cat(results)
         return [torch.cat(parts) for parts in zip(*results, strict=True)]

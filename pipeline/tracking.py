@@ -8,6 +8,7 @@ never left RUNNING.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -71,8 +72,10 @@ def _probe(uri: str) -> None:
                                 "be written; pass a writable paths.outputs or set MLFLOW_TRACKING_URI")
 
 
+@functools.cache
 def provenance_tags() -> dict[str, str]:
-    """Git commit and library versions: what is needed to rerun a result exactly."""
+    """Git commit and library versions: what is needed to rerun a result exactly (read once
+    per process)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
@@ -124,7 +127,7 @@ class Tracker:
 
     def start_run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
-        all_tags = {**provenance_tags(), **(tags or {}), MLFLOW_RUN_NAME: name}
+        all_tags = {**provenance_tags(), **(tags or {}), MLFLOW_RUN_NAME: name}  # a new dict
         if parent_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
         run_id = self.client.create_run(self.experiment_id(experiment), run_name=name).info.run_id

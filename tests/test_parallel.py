@@ -13,7 +13,7 @@ def test_same_adversarials_as_one_call(tiny_cnn):
     model, x, y = tiny_cnn
     target, eps_list = (y + 1) % 10, [0.05, 0.2]
     with CoreSplit(2, slice_size=32) as split:
-        assert torch.equal(split(lambda a, b, t: fgsm(model, a, b, 0.1), x, y), fgsm(model, x, y, 0.1))
+        assert torch.equal(split(lambda a, b: fgsm(model, a, b, 0.1), x, y), fgsm(model, x, y, 0.1))
         listed = split(lambda a, b, t: fgsm(model, a, b, eps_list, targeted=True, target=t), x, y, target)
     whole = fgsm(model, x, y, eps_list, targeted=True, target=target)
     assert all(torch.equal(got, expected) for got, expected in zip(listed, whole, strict=True))
@@ -23,7 +23,7 @@ def test_slices_run_in_parallel_single_threaded_workers_and_main_is_untouched():
     threads_before = torch.get_num_threads()
     seen = []
 
-    def record(a, b, t):
+    def record(a, b):
         seen.append((threading.current_thread().name, torch.get_num_threads(), len(a)))
         return a
 
@@ -41,7 +41,8 @@ def test_slices_run_in_parallel_single_threaded_workers_and_main_is_untouched():
 
 def test_fewer_images_than_workers():
     with CoreSplit(4) as split:
-        assert torch.equal(split(lambda a, b, t: a * 2, torch.ones(2), torch.zeros(2)), torch.full((2,), 2.0))
+        assert torch.equal(split(lambda a: a * 2, torch.ones(2)), torch.full((2,), 2.0))
+        assert torch.equal(split(lambda a, b: a + (b is None), torch.ones(5), None), torch.full((5,), 2.0))
 
 
 def test_worker_setting():

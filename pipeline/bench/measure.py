@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attack_step import sync
+
 Batch = Callable[[torch.Tensor, torch.Tensor], object]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int,

@@ -47,7 +47,7 @@ def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
     """fn as the attack step runs a batch here: split over CPU cores when it splits."""
     if setup.split is None:
         return fn
-    return lambda x, y: setup.split(lambda xs, ys, _: fn(xs, ys), x, y)
+    return lambda x, y: setup.split(fn, x, y)
 
 
 def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
