@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,9 +29,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PassCounter:
+    """Counts the images that go through `model`'s forward and backward passes while `counting`
+    (a forward hook, and a gradient hook on outputs that need gradients; thread-safe)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.forward = self.backward = 0
+        self.counting = False
+        self._lock = threading.Lock()
+        self._handle = model.register_forward_hook(self._on_forward)
+
+    def _add(self, which: str, n: int) -> None:
+        with self._lock:
+            setattr(self, which, getattr(self, which) + n)
+
+    def _on_forward(self, module, inputs, output) -> None:
+        if self.counting:
+            self._add("forward", output.shape[0])
+            if output.requires_grad:
+                output.register_hook(lambda grad: self._add("backward", grad.shape[0]))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 @dataclass
 class AttackResult:
-    eps: list[float]
+    eps: list[float | None]                  # None: an attack without an eps budget
     metrics: list[dict[str, float]]         # one dict of METRIC_KEYS per eps
     examples: list[dict[str, torch.Tensor]]  # first images of the subset, per eps, for the grid
     cpu_workers: int                         # slices each batch ran in (1: one call)
@@ -37,9 +63,11 @@ class AttackResult:
 
 class AttackStep(L.LightningModule):
     """Attacks each test batch with `attack(model, x, y, eps=..., targeted=..., target=...)`
-    for every eps value and keeps every image's outcome."""
+    for every eps value (no `eps` for an attack without one) and keeps every image's outcome.
+    An attack that takes `info=` fills it with per-image diagnostics (e.g. lbfgs' final c);
+    their medians become metrics `<key>_median`."""
 
-    def __init__(self, classifier: nn.Module, attack: Callable, eps: list[float],
+    def __init__(self, classifier: nn.Module, attack: Callable, eps: list[float | None],
                  targeted: bool = False, target: str | int = "next",
                  offsets: torch.Tensor | None = None, n_examples: int = 16,
                  split: CoreSplit | None = None) -> None:
@@ -48,17 +76,29 @@ class AttackStep(L.LightningModule):
         self.attack, self.eps = attack, list(eps)
         self.targeted, self.target, self.n_examples = targeted, target, n_examples
         self.split = split  # on CPU: each batch as parallel single-threaded slices
+        self.takes_info = "info" in inspect.signature(attack).parameters
+        self.passes = PassCounter(self.classifier)
         self.register_buffer("offsets", offsets, persistent=False)
         self.attack_seconds = 0.0
         self.samples = [defaultdict(list) for _ in self.eps]   # per eps: key → [(B,), ...]
         self.examples = [defaultdict(list) for _ in self.eps]  # per eps: key → [(b, ...), ...]
         self.n_kept = 0
+        self.info_keys: set[str] = set()
 
-    def _attack(self, x, y, target) -> list[torch.Tensor]:
+    def _attack(self, x, y, target) -> dict[str, torch.Tensor]:
+        """{"adv0": x_adv for the first eps, ..., "info.<key>": per-image diagnostics}."""
         kwargs = {"targeted": self.targeted, "target": target}
-        if len(self.eps) == 1:
-            return [self.attack(self.classifier, x, y, eps=self.eps[0], **kwargs)]
-        return list(self.attack(self.classifier, x, y, eps=self.eps, **kwargs))
+        info: dict[str, torch.Tensor] = {}
+        if self.takes_info:
+            kwargs["info"] = info
+        if len(self.eps) > 1:
+            adversarials = list(self.attack(self.classifier, x, y, eps=self.eps, **kwargs))
+        elif self.eps[0] is None:
+            adversarials = [self.attack(self.classifier, x, y, **kwargs)]
+        else:
+            adversarials = [self.attack(self.classifier, x, y, eps=self.eps[0], **kwargs)]
+        return {**{f"adv{k}": a for k, a in enumerate(adversarials)},
+                **{f"info.{key}": value for key, value in info.items()}}
 
     def _split(self, fn, *tensors):
         if self.split is not None and tensors[0].device.type == "cpu":
@@ -78,13 +118,18 @@ class AttackStep(L.LightningModule):
                   if self.targeted else None)
         sync(x.device)
         start = time.perf_counter()
-        adversarials = self._split(self._attack, x, y, target)
+        self.passes.counting = True
+        generated = self._split(self._attack, x, y, target)
+        self.passes.counting = False
         sync(x.device)
         self.attack_seconds += time.perf_counter() - start
+        info = {key[5:]: value for key, value in generated.items() if key.startswith("info.")}
+        self.info_keys.update(info)
 
         keep = min(self.n_examples - self.n_kept, len(x))
-        for k, x_adv in enumerate(adversarials):
-            outcome = per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target)
+        for k in range(len(self.eps)):
+            x_adv = generated[f"adv{k}"]
+            outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info}
             for key, value in outcome.items():
                 self.samples[k][key].append(value.cpu())
             if keep > 0:
@@ -98,10 +143,17 @@ class AttackStep(L.LightningModule):
     def result(self) -> AttackResult:
         metrics, examples = [], []
         for eps, samples, shown in zip(self.eps, self.samples, self.examples, strict=True):
-            summary = summarize({key: torch.cat(parts) for key, parts in samples.items()})
-            n_images = sum(len(part) for part in samples["success"])
-            summary.update(eps=eps, attack_seconds=self.attack_seconds,
-                           images_per_second=n_images / self.attack_seconds)
+            everything = {key: torch.cat(parts) for key, parts in samples.items()}
+            summary = summarize(everything)
+            n_images = len(everything["success"])
+            if eps is not None:
+                summary["eps"] = eps
+            summary.update(attack_seconds=self.attack_seconds,
+                           images_per_second=n_images / self.attack_seconds,
+                           forward_passes_per_image=self.passes.forward / n_images,
+                           backward_passes_per_image=self.passes.backward / n_images)
+            for key in self.info_keys:
+                summary[f"{key}_median"] = everything[key].float().median().item()
             metrics.append(summary)
             examples.append({key: torch.cat(parts) for key, parts in shown.items()})
         return AttackResult(self.eps, metrics, examples, self.split.workers if self.split else 1)
@@ -119,6 +171,7 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
     try:
         trainer.test(step, DataLoader(eval_set, batch_size=cfg.attack.batch_size), verbose=False)
     finally:
+        step.passes.remove()
         if split is not None:
             split.close()
     return step.result()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-# metric keys of an attack run, in the order they are reported (DESIGN.md)
+# metric keys of an attack run, in the order they are reported (DESIGN.md); attacks without an
+# eps budget (lbfgs, szegedy_sgd) have no `eps`
 METRIC_KEYS = (
     "clean_accuracy", "adv_accuracy", "success_rate", "l2_mean", "l2_median",
     "linf_mean", "linf_max", "l0_mean", "confidence_adv_mean", "eps",
     "attack_seconds", "images_per_second",
 )
+# further keys on every attack run
+EXTRA_KEYS = ("szegedy_distortion_mean", "forward_passes_per_image", "backward_passes_per_image")
 
 
 def l0(delta: torch.Tensor) -> torch.Tensor:
@@ -25,6 +28,11 @@ def l2(delta: torch.Tensor) -> torch.Tensor:
 def linf(delta: torch.Tensor) -> torch.Tensor:
     """Largest absolute change per image: (B, ...) → (B,)."""
     return delta.flatten(1).abs().amax(1)
+
+
+def szegedy_distortion(delta: torch.Tensor) -> torch.Tensor:
+    """Szegedy et al.'s distortion sqrt(sum(r²) / n), n = values per image: (B, ...) → (B,)."""
+    return l2(delta) / delta[0].numel() ** 0.5
 
 
 def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
@@ -46,6 +54,7 @@ def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
         "clean_correct": clean_correct, "adv_correct": adv_pred == y,
         "success": clean_correct & fooled,
         "l0": l0(delta), "l2": l2(delta), "linf": linf(delta),
+        "distortion": szegedy_distortion(delta),
     }
 
 
@@ -53,10 +62,12 @@ def summarize(samples: dict[str, torch.Tensor]) -> dict[str, float]:
     """Aggregate per-image outcomes of every eval image into the run's metrics.
 
     Accuracies and norms are over all eval images; `success_rate` is over the
-    clean-correct ones only (NaN if there are none).
+    clean-correct ones only (NaN if there are none); `szegedy_distortion_mean` over the
+    successful ones (Szegedy et al.'s "average minimum distortion"; NaN if there are none).
     """
     n_correct = int(samples["clean_correct"].sum())
     success = samples["success"].sum().item() / n_correct if n_correct else float("nan")
+    distortion = samples["distortion"][samples["success"]]
     return {
         "clean_accuracy": samples["clean_correct"].float().mean().item(),
         "adv_accuracy": samples["adv_correct"].float().mean().item(),
@@ -67,4 +78,5 @@ def summarize(samples: dict[str, torch.Tensor]) -> dict[str, float]:
         "linf_max": samples["linf"].max().item(),
         "l0_mean": samples["l0"].mean().item(),
         "confidence_adv_mean": samples["adv_confidence"].mean().item(),
+        "szegedy_distortion_mean": distortion.mean().item() if len(distortion) else float("nan"),
     }

@@ -28,7 +28,7 @@ def cpu_workers(setting: int | str) -> int:
 class CoreSplit:
     """`split(fn, x, y, ...)` runs fn on slices of at most `slice_size` images of every tensor
     argument (None stays None), spread over `workers` threads of one intra-op thread each, and
-    concatenates the results (a tensor or a list of tensors) in order."""
+    concatenates the results (a tensor, a list or a dict of tensors) in order."""
 
     def __init__(self, workers: int, slice_size: int = 64) -> None:
         self.workers, self.slice_size = workers, slice_size
@@ -53,6 +53,8 @@ class CoreSplit:
         results = list(self.pool.map(lambda args: fn(*args), slices))
         if isinstance(results[0], torch.Tensor):
             return torch.cat(results)
+        if isinstance(results[0], dict):
+            return {key: torch.cat([r[key] for r in results]) for key in results[0]}
         return [torch.cat(parts) for parts in zip(*results, strict=True)]
 
     def close(self) -> None:

@@ -21,8 +21,12 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _label(name: str, eps: float | None) -> str:
+    return name if eps is None else f"{name} eps={eps:g}"
+
+
 def _run_name(cfg: DictConfig) -> str:
-    return " ".join(_overrides()) or f"{cfg.attack.name} eps={cfg.eps}"
+    return " ".join(_overrides()) or _label(cfg.attack.name, cfg.attack.get("eps"))
 
 
 def _tags(checkpoint: Checkpoint, checksums: dict[str, str]) -> dict[str, str]:
@@ -36,10 +40,12 @@ def _tags(checkpoint: Checkpoint, checksums: dict[str, str]) -> dict[str, str]:
 
 
 def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackResult) -> None:
-    for step, (metrics, examples) in enumerate(zip(result.metrics, result.examples, strict=True)):
+    for step, (eps, metrics, examples) in enumerate(zip(result.eps, result.metrics, result.examples,
+                                                        strict=True)):
         tracker.log_metrics(run_id, metrics, step=step)
-        title = f"{cfg.attack.name} eps={metrics['eps']:g} on {cfg.model.name}"
-        tracker.log_figure(run_id, example_grid(examples, title), f"examples_eps{metrics['eps']:g}.png")
+        title = f"{_label(cfg.attack.name, eps)} on {cfg.model.name}"
+        name = "examples.png" if eps is None else f"examples_eps{eps:g}.png"
+        tracker.log_figure(run_id, example_grid(examples, title), name)
     if len(result.eps) > 1:
         curves = {key: {"": (result.eps, [m[key] for m in result.metrics])}
                   for key in ("success_rate", "adv_accuracy", "l2_mean")}
@@ -78,8 +84,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "seconds_setup": opened - start, "seconds_attack_step": attack_step,
             "seconds_tracking": time.perf_counter() - opened - attack_step})
 
-    for m in result.metrics:
-        print(f"{cfg.attack.name} eps={m['eps']:g}: clean acc {m['clean_accuracy']:.2%}, "
+    for eps, m in zip(result.eps, result.metrics, strict=True):
+        print(f"{_label(cfg.attack.name, eps)}: clean acc {m['clean_accuracy']:.2%}, "
               f"adv acc {m['adv_accuracy']:.2%}, success {m['success_rate']:.2%}, "
               f"L2 {m['l2_mean']:.3f}, {m['images_per_second']:,.0f} img/s")
     print(f"MLflow run {run_id} in {tracker.uri} (see it with `make ui`)")

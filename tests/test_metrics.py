@@ -57,9 +57,12 @@ def test_norm_and_confidence_aggregates():
     assert metrics["linf_mean"] == pytest.approx((0.3 + 0.1) / 4)
     assert metrics["linf_max"] == pytest.approx(0.3)
     assert metrics["confidence_adv_mean"] == pytest.approx(0.5)  # 3 / (3 + 3)
+    # Szegedy's distortion sqrt(sum r² / n), n = 4 values, over the successful images 0 and 3
+    assert metrics["szegedy_distortion_mean"] == pytest.approx((0.3 / 2 + 0.0) / 2)
 
 
 def test_success_rate_is_nan_when_nothing_is_classified_correctly():
     x = torch.zeros(2, 1, 2, 2)
     samples = per_sample(x, x, torch.tensor([0, 1]), _logits([1, 0]), _logits([1, 0]))
-    assert math.isnan(summarize(samples)["success_rate"])
+    metrics = summarize(samples)
+    assert math.isnan(metrics["success_rate"]) and math.isnan(metrics["szegedy_distortion_mean"])

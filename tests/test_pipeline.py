@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.data import MNISTData
-from pipeline.metrics import METRIC_KEYS
+from pipeline.metrics import EXTRA_KEYS, METRIC_KEYS
 from pipeline.run import run
 from pipeline.tracking import Tracker
 from tests.conftest import all_runs, make_config, small_overrides
@@ -29,11 +29,12 @@ def _numbers(metrics):
 def test_attack_run_records_the_contract(mnist_root, store, tmp_path):
     cfg = make_config(small_overrides(tmp_path))
     metrics = run(cfg)
-    assert set(metrics) == set(METRIC_KEYS)
+    assert set(metrics) == set(METRIC_KEYS) | set(EXTRA_KEYS)
+    assert metrics["forward_passes_per_image"] == 1 and metrics["backward_passes_per_image"] == 1
     (attack_run,) = _runs(store, "mnist")
     assert attack_run.info.status == "FINISHED"
     timing = {"seconds_setup", "seconds_attack_step", "seconds_tracking"}
-    assert set(attack_run.data.metrics) == set(METRIC_KEYS) | timing
+    assert set(attack_run.data.metrics) == set(METRIC_KEYS) | set(EXTRA_KEYS) | timing
     assert all(attack_run.data.metrics[key] > 0 for key in timing)
     assert attack_run.data.metrics["eps"] == 0.1
     params, tags = attack_run.data.params, attack_run.data.tags
