@@ -45,15 +45,25 @@ def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
     return value
 
 
-def eps_values(cfg: DictConfig) -> list[float]:
-    """The eps values one attack job evaluates: `attack.eps_list` if given, else `attack.eps`."""
+def eps_values(cfg: DictConfig) -> list[float | None]:
+    """The eps values one attack job evaluates: `attack.eps_list` if given, else `attack.eps`;
+    `[None]` for an attack without an eps budget (`attack.eps: null`, e.g. lbfgs)."""
     eps_list = cfg.attack.get("eps_list")
     if eps_list is None:
-        return [_eps("eps", cfg.attack.eps)]
+        return [None] if cfg.attack.get("eps") is None else [_eps("eps", cfg.attack.eps)]
     if not isinstance(eps_list, ListConfig | list) or len(eps_list) == 0:
         raise ConfigError(f"attack.eps_list={eps_list!r} must be a non-empty list, "
                           "e.g. attack.eps_list=[0.05,0.1,0.2]")
     return [_eps("attack.eps_list", e) for e in eps_list]
+
+
+def _attack_numbers(cfg: DictConfig) -> None:
+    """Attack hyper-parameters (reg, lr, steps, c_init, ...) are non-negative numbers."""
+    for key, value in cfg.attack.items():
+        if key in ("eps", "target") or isinstance(value, bool) or not isinstance(value, Real):
+            continue
+        if math.isnan(value) or value < 0:
+            raise ConfigError(f"attack.{key}={value} must be a non-negative number")
 
 
 def validate(cfg: DictConfig, test_set_size: int) -> None:
@@ -62,6 +72,7 @@ def validate(cfg: DictConfig, test_set_size: int) -> None:
     eps_values(cfg)
     _positive_int("n_eval", cfg.n_eval, upper=test_set_size)
     _positive_int("attack.batch_size", cfg.attack.batch_size)
+    _attack_numbers(cfg)
     workers = cfg.cpu_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")

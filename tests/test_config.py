@@ -27,7 +27,11 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     logits = net(torch.rand(2, 1, 28, 28))
     assert logits.shape == (2, cfg.data.num_classes)
     attack = instantiate(cfg.attack.fn)
-    x_adv = attack(net.eval(), torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), eps=cfg.eps)
+    eps = {} if cfg.attack.eps is None else {"eps": cfg.attack.eps}
+    options = {"targeted": True, "target": torch.tensor([1, 2])} if cfg.attack.targeted else {}
+    if cfg.attack.name in ("lbfgs", "szegedy_sgd"):  # keep the compose check quick
+        options.update({"lbfgs": {"c_steps": 1, "max_iter": 2}, "szegedy_sgd": {"steps": 2}}[cfg.attack.name])
+    x_adv = attack(net.eval(), torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), **eps, **options)
     assert x_adv.shape == (2, 1, 28, 28)
     assert data.root == cfg.paths.data
     assert cfg.tracking.uri.startswith(("sqlite:///", "http"))
@@ -56,6 +60,8 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
     (["n_eval=0"], r"n_eval=0 must be a positive integer"),
     (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
     (["attack.batch_size=0"], r"attack.batch_size=0 must be a positive integer"),
+    (["attack=szegedy_sgd", "attack.reg=-1"], r"attack.reg=-1 must be a non-negative number"),
+    (["attack=lbfgs", "attack.c_init=nan"], r"attack.c_init=nan must be a non-negative number"),
     (["cpu_workers=0"], r"cpu_workers=0 must be 'auto' or a positive integer"),
     (["cpu_workers=some"], r"cpu_workers='some' must be 'auto' or a positive integer"),
     (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
