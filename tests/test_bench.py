@@ -19,7 +19,7 @@ def bench_config(outputs, *extra):
 
 @pytest.mark.slow
 def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
-    report = run_bench(bench_config(tmp_path, "eps=0.2"))
+    report = run_bench(bench_config(tmp_path, "eps=0.2", "attacks=[fgsm]"))
 
     rows = {r["key"]: r for r in report["attacks"]}
     assert [r["role"] for r in report["attacks"]] == ["ours"] * 2 + ["peer"] * 4 + ["floor"] * 2
@@ -33,6 +33,7 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
         assert row["vs_floor"] == pytest.approx(row["images_per_second"] / floor)
         assert row["vs_fastest_peer"] == pytest.approx(row["images_per_second"] / fastest_peer)
     assert rows["ours"]["floor"] == "floor_split" and rows["ours_one_call"]["floor"] == "floor"
+    assert rows["ours"]["passes_per_image"] == rows["floor"]["passes_per_image"] == 1  # counted
     assert 0 <= rows["ours"]["adv_accuracy"] < 1
     for key in (*PEERS, "ours_one_call"):  # FGSM is deterministic: every one gives our adversarials
         assert rows[key]["identical_fraction"] == 1.0 and rows[key]["max_abs_difference"] == 0
@@ -62,8 +63,29 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
     assert "end_to_end.attack_fraction" in run.data.metrics
 
 
+@pytest.mark.slow
+def test_optimisation_attack_rows(mnist_root, store, tmp_path):
+    report = run_bench(bench_config(tmp_path, "attacks=[szegedy_sgd,lbfgs]", "sections=[attacks]",
+                                    "per_attack.szegedy_sgd.n=8", "per_attack.lbfgs.n=8"))
+    rows = {(r["attack"], r["key"]): r for r in report["attacks"]}
+    sgd = {key: r for (attack, key), r in rows.items() if attack == "szegedy_sgd"}
+    assert set(sgd) == {"ours", "ours_one_call", "floor", "floor_split"}  # no peer implements it
+    assert all(r["passes_per_image"] == 100 and r["images"] == 8 for r in sgd.values())
+    assert sgd["ours_one_call"]["identical_fraction"] == 1
+    lbfgs = {key: r for (attack, key), r in rows.items() if attack == "lbfgs"}
+    assert set(lbfgs) == {"ours", "ours_one_call", "floor", "floor_split", "advertorch"}
+    assert lbfgs["floor"]["passes_per_image"] == lbfgs["ours"]["passes_per_image"] > 10  # as counted
+    theirs = lbfgs["advertorch"]
+    assert not theirs["exact"] and theirs["passes_per_image"] > lbfgs["ours"]["passes_per_image"]
+    assert 0 < theirs["success_rate"] <= 1 and theirs["l2_mean"] > 0
+    assert lbfgs["ours"]["success_rate"] >= theirs["success_rate"]
+    markdown = (next((tmp_path / "bench").glob("*.md"))).read_text()
+    assert "| lbfgs | advertorch 0.2.3 | 8 × 1 |" in markdown and "different solver" in markdown
+
+
 @pytest.mark.parametrize("override,message", [
-    ("attacks=[nope]", r"no benchmark for attack\(s\) \['nope'\]; choose from \['fgsm'\]"),
+    ("attacks=[nope]",
+     r"no benchmark for attack\(s\) \['nope'\]; choose from \['fgsm', 'lbfgs', 'szegedy_sgd'\]"),
     ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
     ("n=0", r"n=0 must be a positive integer"),
     ("batch_size=-1", r"batch_size=-1 must be a positive integer"),

@@ -72,8 +72,11 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
                          for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")}}
     sections = set(cfg.sections)
     if "attacks" in sections:
-        report["attacks"] = [row for name in cfg.attacks
-                             for row in attack_rows(name, setup, x, y, cfg.repeats)]
+        report["attacks"] = []
+        for name in cfg.attacks:  # slow attacks may use fewer images and repeats
+            own = cfg.per_attack.get(name, {})
+            n, repeats = own.get("n", cfg.n), own.get("repeats", cfg.repeats)
+            report["attacks"] += attack_rows(name, setup, x[:n], y[:n], repeats)
     if "eps_list" in sections:
         report["eps_list"] = eps_list_row(setup, list(cfg.eps_list), x, y, cfg.repeats)
     if "training" in sections:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.attacks import fgsm
+from pipeline.attacks import fgsm, lbfgs, szegedy_sgd
 from pipeline.bench.measure import over_batches
 from pipeline.parallel import CoreSplit
 
@@ -33,8 +33,21 @@ class Setup:
     split: CoreSplit | None = None  # how the attack step runs batches on this CPU, if split
 
 
+def next_class(y: torch.Tensor, s: Setup) -> torch.Tensor:
+    """The target of the targeted benchmarks: the next class."""
+    return (y + 1) % s.num_classes
+
+
 def ours_fgsm(s: Setup) -> Run:
     return lambda x, y: fgsm(s.model, x, y, s.eps)
+
+
+def ours_lbfgs(s: Setup) -> Run:
+    return lambda x, y: lbfgs(s.model, x, y, next_class(y, s))
+
+
+def ours_szegedy_sgd(s: Setup) -> Run:
+    return lambda x, y: szegedy_sgd(s.model, x, y, next_class(y, s))
 
 
 def torchattacks_fgsm(s: Setup) -> Run:
@@ -88,11 +101,21 @@ def advertorch_fgsm(s: Setup) -> Run:
     return over_batches(attack.perturb, s.batch_size)
 
 
+def advertorch_lbfgs(s: Setup) -> Run:
+    # 9 values of c, 100 L-BFGS-B iterations each (its defaults); scipy solves the batch as one
+    # float64 problem on the CPU
+    attack = _import_advertorch().LBFGSAttack(s.model, num_classes=s.num_classes, targeted=True)
+    return over_batches(lambda x, y: attack.perturb(x, next_class(y, s)), s.batch_size)
+
+
 @dataclass
 class Attack:
     ours: Callable[[Setup], Run]         # per batch
-    floor_passes: int                    # forward+backward passes per image it cannot avoid
+    floor_passes: int | None             # forward+backward passes per image it cannot avoid;
+                                         # None: as many as ours was counted to make
     peers: dict[str, Callable[[Setup], Run]] = field(default_factory=dict)
+    targeted: bool = False               # targeted attacks aim at next_class
+    exact: bool = True                   # a correct peer gives the same adversarials
 
 
 PEER_PACKAGES = {"torchattacks": "torchattacks", "foolbox": "foolbox",
@@ -102,4 +125,7 @@ ATTACKS = {
     "fgsm": Attack(ours_fgsm, floor_passes=1, peers={
         "torchattacks": torchattacks_fgsm, "foolbox": foolbox_fgsm,
         "art": art_fgsm, "advertorch": advertorch_fgsm}),
+    "szegedy_sgd": Attack(ours_szegedy_sgd, floor_passes=100, targeted=True),  # its 100 steps
+    "lbfgs": Attack(ours_lbfgs, floor_passes=None, targeted=True, exact=False,
+                    peers={"advertorch": advertorch_lbfgs}),
 }

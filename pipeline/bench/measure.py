@@ -15,14 +15,15 @@ from pipeline.attack_step import sync
 Batch = Callable[[torch.Tensor, torch.Tensor], object]
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int,
-                   device: torch.device) -> dict[str, float]:
-    """Median wall time of each function over `repeats` calls after one warm-up call each.
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                   warmups: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Median wall time of each function over `repeats` calls after one warm-up call each
+    (of `warmups[name]` if given: a cheaper call that warms the same code).
 
     Repeats go round-robin over the functions, so drift in the machine's speed during
     the measurement reaches every function alike and their ratios stay fair."""
-    for fn in fns.values():
-        fn()
+    for name in fns:
+        (warmups or fns)[name]()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

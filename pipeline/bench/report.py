@@ -30,9 +30,17 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _passes(row: dict) -> str:
+    # 0 means the hook on the model never fired: the library calls the layers itself (ART does
+    # for nn.Sequential models)
+    return f"{row['passes_per_image']:.1f}" if row["passes_per_image"] else "n/a"
+
+
 def _agreement(row: dict) -> str:
     if row["identical_fraction"] == 1:
         return "identical adversarials"
+    if not row["exact"]:  # a different solver: compare what it achieves
+        return "different solver (compare success and L2)"
     text = f"{row['identical_fraction']:.1%} identical, max diff {row['max_abs_difference']:.2g}"
     return text + ("" if row["agrees"] else " — **adv acc differs**")
 
@@ -44,15 +52,19 @@ def markdown(report: dict) -> str:
              f"device {m['device']}, torch {m['torch']}; {c['n']} MNIST test images, "
              f"batch {c['batch_size']}, eps {c['eps']}, median of {c['repeats']} repeats.", ""]
     if report.get("attacks"):
-        lines += ["| attack | implementation | img/s | vs floor | vs fastest peer | adv acc | agreement |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += ["| attack | implementation | images × repeats | img/s | vs floor | vs fastest peer "
+                  "| fwd+bwd / image | success | mean L2 | adv acc | agreement |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in report["attacks"]:
             if "note" in r:
-                lines.append(f"| {r['attack']} | {r['implementation']} | | | | | {r['note']} |")
+                lines.append(f"| {r['attack']} | {r['implementation']} | | | | | | | | | {r['note']} |")
                 continue
             agreement = _agreement(r) if "identical_fraction" in r else ""
-            lines.append(f"| {r['attack']} | {r['implementation']} | {r['images_per_second']:,.0f} | "
-                         f"{r['vs_floor']:.2f} | {r['vs_fastest_peer']:.2f} | "
+            speed = r["images_per_second"]
+            lines.append(f"| {r['attack']} | {r['implementation']} | {r['images']} × {r['repeats']} | "
+                         f"{speed:,.{0 if speed >= 100 else 1}f} | {r['vs_floor']:.2f} | "
+                         f"{r['vs_fastest_peer']:.2f} | {_passes(r)} | "
+                         f"{_fmt(r.get('success_rate'), '.1%')} | {_fmt(r.get('l2_mean'), '.4f')} | "
                          f"{_fmt(r.get('adv_accuracy'), '.4f')} | {agreement} |")
         lines += ["", "vs floor: against the floor run the same way (rows split over cores against the "
                   "split floor). Agreement: adversarials compared image by image with ours.", ""]
@@ -76,11 +88,20 @@ def markdown(report: dict) -> str:
 
 
 def findings(report: dict) -> list[str]:
-    """Disagreements with our adversarials: same attack, same eps, different adversarial accuracy."""
-    rows = report.get("attacks", [])
-    ours = {r["attack"]: r["adv_accuracy"] for r in rows if r["key"] == "ours"}
-    return [f"{r['implementation']} {r['attack']}: adv accuracy {r['adv_accuracy']:.4f}, ours "
-            f"{ours[r['attack']]:.4f}" for r in rows if r.get("agrees") is False]
+    """Where a peer disagrees with us: a deterministic attack whose adversarial accuracy differs
+    from ours, or a different solver that succeeds more often or with smaller perturbations."""
+    rows = [r for r in report.get("attacks", []) if "identical_fraction" in r]
+    ours = {r["attack"]: r for r in report.get("attacks", []) if r["key"] == "ours"}
+    found = []
+    for r in rows:
+        mine = ours[r["attack"]]
+        if r["exact"] and not r["agrees"]:
+            found.append(f"{r['implementation']} {r['attack']}: adv accuracy {r['adv_accuracy']:.4f}, "
+                         f"ours {mine['adv_accuracy']:.4f}")
+        if not r["exact"] and (r["success_rate"] > mine["success_rate"] or r["l2_mean"] < mine["l2_mean"]):
+            found.append(f"{r['implementation']} {r['attack']}: success {r['success_rate']:.1%} / mean L2 "
+                         f"{r['l2_mean']:.4f}, ours {mine['success_rate']:.1%} / {mine['l2_mean']:.4f}")
+    return found
 
 
 def save(report: dict, folder: Path) -> tuple[Path, Path]:
@@ -97,8 +118,9 @@ def _metrics(report: dict) -> dict[str, float]:
     for r in report.get("attacks", []):
         if "images_per_second" in r:
             key = f"{r['attack']}.{r['key']}"
-            metrics.update({f"{key}.images_per_second": r["images_per_second"],
-                            f"{key}.vs_floor": r["vs_floor"], f"{key}.vs_fastest_peer": r["vs_fastest_peer"]})
+            metrics.update({f"{key}.{field}": r[field] for field in (
+                "images_per_second", "vs_floor", "vs_fastest_peer", "passes_per_image", "success_rate",
+                "l2_mean") if isinstance(r.get(field), float) and r[field] == r[field]})
     for section in ("eps_list", "training", "end_to_end"):
         for key, value in report.get(section, {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):

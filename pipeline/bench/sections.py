@@ -14,8 +14,10 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.attack_step import PassCounter
 from pipeline.attacks import fgsm
-from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Setup
+from pipeline.attacks.losses import succeeded
+from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Attack, Setup, next_class
 from pipeline.bench.measure import Batch, forward, forward_backward, median_seconds, over_batches
 from pipeline.config import PROJECT_ROOT
 from pipeline.tracking import Tracker
@@ -29,11 +31,6 @@ def _label(peer: str) -> str:
         return f"{peer} {version(PEER_PACKAGES[peer])}"
     except PackageNotFoundError:
         return peer
-
-
-def _accuracy(model, x_adv: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    logits = over_batches(forward(model), batch_size)(x_adv, y)
-    return (logits.argmax(1) == y).float().mean().item()
 
 
 def _agreement(theirs: torch.Tensor, ours: torch.Tensor, their_acc: float, our_acc: float) -> dict:
@@ -50,15 +47,31 @@ def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
     return lambda x, y: setup.split(fn, x, y)
 
 
-def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
-    """Images/s of our attack, each installed peer and the floor; peers' agreement with us.
+def _outcome(setup: Setup, attack: Attack, x, y, x_adv, clean_correct) -> dict:
+    """Adversarial accuracy, success rate (over clean-correct images) and mean L2 of successes."""
+    logits = over_batches(forward(setup.model), setup.batch_size)(x_adv, y)
+    target = next_class(y, setup) if attack.targeted else None
+    success = succeeded(logits, y, attack.targeted, target) & clean_correct
+    distance = (x_adv - x).flatten(1).norm(dim=1)
+    return {"adv_accuracy": (logits.argmax(1) == y).float().mean().item(),
+            "success_rate": success.sum().item() / max(clean_correct.sum().item(), 1),
+            "l2_mean": distance[success].mean().item() if success.any() else float("nan")}
+
+
+def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int,
+                warmup_images: int = 16) -> list[dict]:
+    """Images/s of our attack, each installed peer and the floor; the forward+backward passes
+    each makes per image (counted with hooks), success, mean L2 and agreement with ours.
 
     With a CPU split, ours and the floor appear twice: as the attack step runs them (each batch
-    split over the cores) and as plain calls; each is compared with the floor run the same way."""
+    split over the cores) and as plain calls; each is compared with the floor run the same way.
+    Warm-up calls use the first `warmup_images` images; the timed calls give the outputs."""
     attack, bs = ATTACKS[name], setup.batch_size
-    ours, floor = attack.ours(setup), forward_backward(setup.model, attack.floor_passes)
-    floor_name = f"floor: {attack.floor_passes} fwd+bwd"
-    rows = []  # (key, label, role, run, floor key)
+    ours = attack.ours(setup)
+    floor = forward_backward(setup.model, attack.floor_passes or 1)
+    floor_name = (f"floor: {attack.floor_passes} fwd+bwd" if attack.floor_passes
+                  else "floor: fwd+bwd as counted in ours")
+    rows = []  # (key, label, role, run over all images, floor key)
     if setup.split is not None:
         cores = f"split over {setup.split.workers} cores"
         rows += [("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, ours), "floor_split"),
@@ -74,24 +87,48 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
             missing.append({"attack": name, "key": peer, "implementation": peer, "role": "peer",
                             "note": f"not installed ({error}); `uv sync --extra bench`"})
     runs = {key: (run if role == "peer" else over_batches(run, bs)) for key, _, role, run, _ in rows}
-    seconds = median_seconds({key: (lambda run=run: run(x, y)) for key, run in runs.items()},
-                             repeats, setup.device)
+
+    counter, outputs, passes = PassCounter(setup.model), {}, {}
+
+    def timed(key):
+        def call():
+            before = counter.backward
+            counter.counting = True
+            outputs[key] = runs[key](x, y)
+            counter.counting = False
+            passes[key] = (counter.backward - before) / len(x)
+        return call
+
+    try:
+        seconds = median_seconds(
+            {key: timed(key) for key in runs}, repeats, setup.device,
+            warmups={key: (lambda run=run: run(x[:warmup_images], y[:warmup_images]))
+                     for key, run in runs.items()})
+    finally:
+        counter.remove()
+    if attack.floor_passes is None:  # one counted pass per image was timed: scale to ours
+        for floor_key in ("floor", "floor_split"):
+            if floor_key in seconds:
+                seconds[floor_key] *= passes["ours"]
+                passes[floor_key] = passes["ours"]
     speed = {key: len(x) / s for key, s in seconds.items()}
     fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer"), default=float("nan"))
-    adversarials = {key: runs[key](x, y) for key, _, role, _, _ in rows if role != "floor"}
-    accuracy = {key: _accuracy(setup.model, adv, y, bs) for key, adv in adversarials.items()}
+    clean_correct = over_batches(forward(setup.model), bs)(x, y).argmax(1) == y
+    outcome = {key: _outcome(setup, attack, x, y, outputs[key], clean_correct)
+               for key, _, role, _, _ in rows if role != "floor"}
 
     table = []
-    order = sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2]))
-    for key, label, role, _, floor_key in order:
+    for key, label, role, _, floor_key in sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2])):
         row = {"attack": name, "key": key, "implementation": label, "role": role,
-               "images_per_second": speed[key], "floor": floor_key,
-               "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer}
-        if key in adversarials:
-            row["adv_accuracy"] = accuracy[key]
+               "exact": attack.exact, "images": len(x),
+               "repeats": repeats, "images_per_second": speed[key], "floor": floor_key,
+               "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer,
+               "passes_per_image": passes[key]}
+        if key in outcome:
+            row.update(outcome[key])
             if key != "ours":
-                row.update(_agreement(adversarials[key], adversarials["ours"], accuracy[key],
-                                      accuracy["ours"]))
+                row.update(_agreement(outputs[key], outputs["ours"], row["adv_accuracy"],
+                                      outcome["ours"]["adv_accuracy"]))
         table.append(row)
     return table + missing
 
