@@ -10,10 +10,10 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui bench test lint clean
+.PHONY: help install data train attack sweep demo ui bench table1 test lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(CURDIR)/.tools/uv/bin/uv:
 	$(PYTHON) -m pip install --quiet --target $(CURDIR)/.tools/uv uv
@@ -47,6 +47,10 @@ ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
 
 bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
 	$(RUN) python -m pipeline.bench $(BENCH)
+
+table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS, print ours beside the paper's
+	$(RUN) python -m pipeline experiment=szegedy_table1 -m
+	$(RUN) python -m pipeline.table1
 
 test: data ## the whole test suite
 	$(RUN) pytest

@@ -203,10 +203,13 @@ SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
 }
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
-    """Keys a multirun sweeps over, e.g. ['eps'] for `attack=fgsm eps=0.05,0.1,0.2`."""
+def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None = None) -> list[str]:
+    """Keys a multirun sweeps over: ['eps'] for `attack=fgsm eps=0.05,0.1,0.2`, plus those of
+    `hydra.sweeper.params` (set by experiment configs) that the command line did not set."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    given = {o.key_or_group for o in parsed}
+    return keys + [key for key in (sweeper_params or {}) if key not in given]
 
 
 def _as_number(value: str | None) -> float | None:
@@ -242,9 +245,10 @@ class Sweep:
 
     open: list[Sweep] = []
 
-    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str]) -> None:
+    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str],
+                 sweeper_params: Mapping[str, Any] | None = None) -> None:
         self.tracker, self.experiment = tracker, experiment
-        self.swept = swept_keys(overrides)
+        self.swept = swept_keys(overrides, sweeper_params)
         self.jobs = self.failed_jobs = 0
         self.run_id = tracker.start_run(
             experiment, "sweep " + " ".join(overrides),
@@ -298,7 +302,8 @@ class SweepCallback(Callback):
             # Hydra would turn an exception here into a warning and start every job anyway
             report(str(error))
             raise SystemExit(2) from error
-        self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task))
+        self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task),
+                           config.hydra.sweeper.get("params"))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.sweep is not None:

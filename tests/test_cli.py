@@ -72,7 +72,7 @@ def test_bad_input_in_a_real_process(store, tmp_path):
     result = cli(["attack=nope", f"paths.outputs={tmp_path}"], store)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown attack 'nope'; valid options: fgsm (e.g. attack=fgsm)"]
+        "error: unknown attack 'nope'; valid options: fgsm, lbfgs, szegedy_sgd (e.g. attack=fgsm)"]
     assert all_runs(store) == []
 
 
@@ -83,8 +83,8 @@ def _free_port() -> int:
 
 
 BAD_INPUTS = {
-    "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: fgsm"),
-    "unknown model": (["model=resnet9000"], r"unknown model 'resnet9000'; valid options: cnn, mlp"),
+    "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: fgsm, lbfgs, szegedy_sgd"),
+    "unknown model": (["model=resnet9000"], r"unknown model 'resnet9000'; valid options: cnn, fc100_100"),
     "negative eps": (["eps=-0.1"], r"eps=-0.1 is out of range"),
     "eps above 1": (["eps=1.5"], r"eps=1.5 is out of range"),
     "eps not a number": (["eps=big"], r"eps='big' is not a number"),
@@ -102,6 +102,12 @@ def invoke(task, args, outputs):
     with pytest.raises(SystemExit) as exit_info:
         entrypoint(task)
     return exit_info.value.code
+
+
+def invoke_ok(task, args, outputs):
+    """As `invoke`, for a run that must succeed."""
+    sys.argv = ["pipeline", f"paths.outputs={outputs}", "trainer.enable_progress_bar=false", *args]
+    entrypoint(task)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -156,3 +162,74 @@ def test_train_entry_point(mnist_root, store, tmp_path, capsys, monkeypatch):
     assert "test accuracy" in capsys.readouterr().out
     (trained,) = all_runs(store)
     assert trained.data.tags["stage"] == "train" and trained.info.status == "FINISHED"
+
+
+def test_szegedy_sgd_reg_sweep(mnist_root, store, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    args = [*SMALL, "n_eval=64", "attack=szegedy_sgd", "attack.reg=0.01,1", "attack.steps=30", "-m"]
+    invoke_ok(main, args, tmp_path)
+    parents, children = sweep_children(store)
+    (parent,) = parents
+    kids = {float(k.data.params["attack.reg"]): k for k in children[parent.info.run_id]}
+    assert sorted(kids) == [0.01, 1.0] and parent.info.status == "FINISHED"
+    for kid in kids.values():
+        metrics = kid.data.metrics
+        assert kid.info.status == "FINISHED" and "eps" not in metrics
+        assert set(METRIC_KEYS) - {"eps"} <= set(metrics)
+        assert metrics["forward_passes_per_image"] == metrics["backward_passes_per_image"] == 30
+        assert kid.data.params["attack.targeted"] == "True"
+    assert kids[1.0].data.metrics["l2_mean"] < kids[0.01].data.metrics["l2_mean"]
+    summary = MlflowClient(store).list_artifacts(parent.info.run_id)
+    assert {"summary_success_accuracy.png", "summary_l2.png"} <= {a.path for a in summary}
+
+
+@pytest.mark.slow
+def test_lbfgs_as_typed(mnist_root, store, tmp_path):
+    done = cli(["attack=lbfgs", *small_overrides(tmp_path), "n_eval=48", "attack.c_steps=5"], store)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = [r for r in all_runs(store) if r.data.tags.get("stage") == "attack"]
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.params["attack.name"] == "lbfgs"
+    assert set(METRIC_KEYS) - {"eps"} <= set(metrics) and "eps" not in metrics
+    assert metrics["success_rate"] > 0.9 and metrics["c_final_median"] > 0
+    assert metrics["szegedy_distortion_mean"] == pytest.approx(
+        metrics["l2_mean"] / 28, rel=0.5)  # distortion = L2 / sqrt(784), success-only mean
+    assert metrics["forward_passes_per_image"] > 10
+    assert "examples.png" in {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_szegedy_table1_experiment_and_table(mnist_root, store, tmp_path, capsys, monkeypatch):
+    from pipeline.table1 import PAPER
+    from pipeline.table1 import main as table1_main
+
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    invoke_ok(main, [*SMALL, "n_eval=16", "experiment=szegedy_table1", "attack.c_steps=3",
+                     "attack.max_iter=20", "-m"], tmp_path)
+    parents, children = sweep_children(store)
+    (parent,) = parents
+    kids = children[parent.info.run_id]
+    assert sorted(k.data.params["model.name"] for k in kids) == sorted(PAPER)
+    assert {k.data.params["attack.name"] for k in kids} == {"lbfgs"}
+    decay = {k.data.params["model.name"]: k.data.params["train.weight_decay"] for k in kids}
+    assert decay == {"fc10_1e-4": "0.0001", "fc10_1e-2": "0.01", "fc10_1": "1",
+                     "fc100_100": "0.0", "fc200_200": "0.0"}
+    assert {"summary_success_accuracy.png"} <= {
+        a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
+
+    capsys.readouterr()
+    invoke_ok(table1_main, [], tmp_path)
+    printed = capsys.readouterr().out
+    for name, error, distortion in PAPER.values():
+        assert f"| {name} | {error:.2f}% |" in printed and f"| {distortion:.3f} |" in printed
+    assert printed.count("| 16 |") == 5
+    assert "table1.md" in {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
+
+
+def test_table1_without_a_sweep_is_a_clear_error(store, tmp_path, capsys, monkeypatch):
+    from pipeline.table1 import main as table1_main
+
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    assert invoke(table1_main, [], tmp_path) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: no experiment=szegedy_table1 sweep in") and "make table1" in line
