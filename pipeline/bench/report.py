@@ -27,7 +27,9 @@ def machine(device: torch.device) -> dict:
 
 
 def _fmt(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
+    if value is None:
+        return ""
+    return "–" if value != value else format(value, spec)  # NaN: nothing to compare with
 
 
 def _passes(row: dict) -> str:
@@ -49,8 +51,9 @@ def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     lines = [f"# Benchmark {report['date']} (commit {report['commit'][:10]})", "",
              f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
-             f"device {m['device']}, torch {m['torch']}; {c['n']} MNIST test images, "
-             f"batch {c['batch_size']}, eps {c['eps']}, median of {c['repeats']} repeats.", ""]
+             f"device {m['device']}, torch {m['torch']}; MNIST test images (up to {c['n']}; per "
+             f"attack row: images × timed repeats, median reported), batch {c['batch_size']}, "
+             f"FGSM eps {c['eps']}.", ""]
     if report.get("attacks"):
         lines += ["| attack | implementation | images × repeats | img/s | vs floor | vs fastest peer "
                   "| fwd+bwd / image | success | mean L2 | adv acc | agreement |",
@@ -63,7 +66,7 @@ def markdown(report: dict) -> str:
             speed = r["images_per_second"]
             lines.append(f"| {r['attack']} | {r['implementation']} | {r['images']} × {r['repeats']} | "
                          f"{speed:,.{0 if speed >= 100 else 1}f} | {r['vs_floor']:.2f} | "
-                         f"{r['vs_fastest_peer']:.2f} | {_passes(r)} | "
+                         f"{_fmt(r['vs_fastest_peer'], '.2f')} | {_passes(r)} | "
                          f"{_fmt(r.get('success_rate'), '.1%')} | {_fmt(r.get('l2_mean'), '.4f')} | "
                          f"{_fmt(r.get('adv_accuracy'), '.4f')} | {agreement} |")
         lines += ["", "vs floor: against the floor run the same way (rows split over cores against the "
