@@ -58,6 +58,7 @@ class AttackResult:
     eps: list[float | None]                  # None: an attack without an eps budget
     metrics: list[dict[str, float]]         # one dict of METRIC_KEYS per eps
     examples: list[dict[str, torch.Tensor]]  # first images of the subset, per eps, for the grid
+    samples: list[dict[str, torch.Tensor]]   # every image's outcome (and label, target), per eps
     cpu_workers: int                         # slices each batch ran in (1: one call)
 
 
@@ -129,21 +130,21 @@ class AttackStep(L.LightningModule):
         keep = min(self.n_examples - self.n_kept, len(x))
         for k in range(len(self.eps)):
             x_adv = generated[f"adv{k}"]
-            outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info}
+            outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info,
+                       "y": y, **({} if target is None else {"target": target})}
             for key, value in outcome.items():
                 self.samples[k][key].append(value.cpu())
             if keep > 0:
-                shown = {"x": x, "x_adv": x_adv, "y": y, **outcome}
-                if target is not None:
-                    shown["target"] = target
+                shown = {"x": x, "x_adv": x_adv, **outcome}
                 for key, value in shown.items():
                     self.examples[k][key].append(value[:keep].detach().cpu())
         self.n_kept += max(keep, 0)
 
     def result(self) -> AttackResult:
-        metrics, examples = [], []
+        metrics, examples, outcomes = [], [], []
         for eps, samples, shown in zip(self.eps, self.samples, self.examples, strict=True):
             everything = {key: torch.cat(parts) for key, parts in samples.items()}
+            outcomes.append(everything)
             summary = summarize(everything)
             n_images = len(everything["success"])
             if eps is not None:
@@ -156,7 +157,8 @@ class AttackStep(L.LightningModule):
                 summary[f"{key}_median"] = everything[key].float().median().item()
             metrics.append(summary)
             examples.append({key: torch.cat(parts) for key, parts in shown.items()})
-        return AttackResult(self.eps, metrics, examples, self.split.workers if self.split else 1)
+        return AttackResult(self.eps, metrics, examples, outcomes,
+                            self.split.workers if self.split else 1)
 
 
 def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> AttackResult:

@@ -7,9 +7,11 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
@@ -66,11 +68,24 @@ def _attack_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"attack.{key}={value} must be a non-negative number")
 
 
-def validate(cfg: DictConfig, test_set_size: int) -> None:
-    """Raise ConfigError with a one-line fix for any value the pipeline cannot run with."""
+def check_n_eval(n_eval: int | None, available: int | None) -> None:
+    """n_eval is a positive integer no larger than the images available (None: all of them)."""
+    if n_eval is not None:
+        _positive_int("n_eval", n_eval, upper=available)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError with a one-line fix for any value the pipeline cannot run with (n_eval
+    against a photo folder's size is checked once the photos are read)."""
+    pretrained = "pretrained" in cfg.model
+    if pretrained != bool(cfg.data.get("pretrained_models")):
+        kind = "an ImageNet" if pretrained else "an MNIST"
+        raise ConfigError(f"model={cfg.model.name} is {kind} model and data={cfg.data.name} does not "
+                          "fit it; use data=mnist with cnn, mlp or fc*, data=imagenet with vgg16 "
+                          "(model.arch=...) or efficientnet_lite0")
     _number("eps", cfg.eps)
     eps_values(cfg)
-    _positive_int("n_eval", cfg.n_eval, upper=test_set_size)
+    check_n_eval(cfg.n_eval, cfg.data.get("test_size"))
     _positive_int("attack.batch_size", cfg.attack.batch_size)
     _attack_numbers(cfg)
     workers = cfg.cpu_workers
@@ -90,6 +105,16 @@ def validate(cfg: DictConfig, test_set_size: int) -> None:
         if not is_class and target not in TARGET_STRATEGIES:
             raise ConfigError(f"attack.target={target!r} is unknown; pass one of "
                               f"{', '.join(TARGET_STRATEGIES)} or a class index 0..{n_classes - 1}")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, letting the pipeline's own one-line errors through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, PipelineError):
+            raise error.__cause__ from None
+        raise
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

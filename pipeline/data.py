@@ -149,6 +149,7 @@ class MNISTData(L.LightningDataModule):
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
         self.test_set = TensorDataset(*_to_tensors(MNIST(self.root, train=False, download=False)))
+        self.names = [f"test/{i}" for i in range(len(self.test_set))]  # images by test-set index
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -12,7 +12,8 @@ METRIC_KEYS = (
     "attack_seconds", "images_per_second",
 )
 # further keys on every attack run
-EXTRA_KEYS = ("szegedy_distortion_mean", "forward_passes_per_image", "backward_passes_per_image")
+EXTRA_KEYS = ("szegedy_distortion_mean", "top5_success_rate", "confidence_clean_mean",
+              "forward_passes_per_image", "backward_passes_per_image")
 
 
 def l0(delta: torch.Tensor) -> torch.Tensor:
@@ -48,11 +49,13 @@ def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
     adv_conf, adv_pred = adv_logits.softmax(1).max(1)
     clean_correct = clean_pred == y
     fooled = adv_pred == target if target is not None else adv_pred != y
+    top5 = adv_logits.topk(min(5, adv_logits.shape[1]), dim=1).indices  # (B, 5)
     return {
         "clean_pred": clean_pred, "clean_confidence": clean_conf,
         "adv_pred": adv_pred, "adv_confidence": adv_conf,
         "clean_correct": clean_correct, "adv_correct": adv_pred == y,
         "success": clean_correct & fooled,
+        "top5_success": clean_correct & (top5 != y[:, None]).all(1),  # y left the top 5
         "l0": l0(delta), "l2": l2(delta), "linf": linf(delta),
         "distortion": szegedy_distortion(delta),
     }
@@ -61,22 +64,28 @@ def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
 def summarize(samples: dict[str, torch.Tensor]) -> dict[str, float]:
     """Aggregate per-image outcomes of every eval image into the run's metrics.
 
-    Accuracies and norms are over all eval images; `success_rate` is over the
-    clean-correct ones only (NaN if there are none); `szegedy_distortion_mean` over the
-    successful ones (Szegedy et al.'s "average minimum distortion"; NaN if there are none).
+    Accuracies, confidences and norms are over all eval images; `success_rate` and
+    `top5_success_rate` (the true class left the top 5) over the clean-correct ones only (NaN if
+    there are none); `szegedy_distortion_mean` over the successful ones (Szegedy et al.'s
+    "average minimum distortion"; NaN if there are none).
     """
     n_correct = int(samples["clean_correct"].sum())
-    success = samples["success"].sum().item() / n_correct if n_correct else float("nan")
+
+    def rate(key: str) -> float:  # among the clean-correct images
+        return samples[key].sum().item() / n_correct if n_correct else float("nan")
+
     distortion = samples["distortion"][samples["success"]]
     return {
         "clean_accuracy": samples["clean_correct"].float().mean().item(),
         "adv_accuracy": samples["adv_correct"].float().mean().item(),
-        "success_rate": success,
+        "success_rate": rate("success"),
+        "top5_success_rate": rate("top5_success"),
         "l2_mean": samples["l2"].mean().item(),
         "l2_median": samples["l2"].median().item(),
         "linf_mean": samples["linf"].mean().item(),
         "linf_max": samples["linf"].max().item(),
         "l0_mean": samples["l0"].mean().item(),
         "confidence_adv_mean": samples["adv_confidence"].mean().item(),
+        "confidence_clean_mean": samples["clean_confidence"].mean().item(),
         "szegedy_distortion_mean": distortion.mean().item() if len(distortion) else float("nan"),
     }

@@ -1,20 +1,31 @@
-"""`run(cfg)`: one job of the pipeline, top to bottom — data, train (cached), attack, track."""
+"""`run(cfg)`: one job of the pipeline, top to bottom — data, model (trained and cached, or
+pretrained), attack, track."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
+import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from pipeline.attack_step import AttackResult, run_attack
-from pipeline.config import flatten, validate
+from pipeline.config import build, check_n_eval, flatten, validate
 from pipeline.models import load_classifier
 from pipeline.tracking import PARENT_ENV, Tracker
-from pipeline.train import Checkpoint, checkpoint_for
+from pipeline.train import checkpoint_for
 from pipeline.viz import example_grid, metric_curves
+
+
+@dataclass
+class Target:
+    """The classifier under attack, its class names, and tags saying where it came from."""
+    net: nn.Module
+    class_names: list[str]
+    tags: dict[str, str]
 
 
 def _overrides() -> list[str]:
@@ -29,23 +40,50 @@ def _run_name(cfg: DictConfig) -> str:
     return " ".join(_overrides()) or _label(cfg.attack.name, cfg.attack.get("eps"))
 
 
-def _tags(checkpoint: Checkpoint, checksums: dict[str, str]) -> dict[str, str]:
-    tags = {"stage": "attack", "checkpoint": str(checkpoint.path),
-            "checkpoint_hash": checkpoint.hash or "user-supplied",
-            **{f"data_sha256.{name}": sha for name, sha in checksums.items()}}
+def _target(cfg: DictConfig, data, tracker: Tracker) -> Target:
+    """A pretrained ImageNet model (its photos read for it), or the cached or trained checkpoint."""
+    if "pretrained" in cfg.model:
+        model = build(cfg.model.pretrained)
+        data.load(model.preprocess, model.class_names, model.net)
+        tags = {"weights": model.source, "labels": data.label_source}
+        if data.skipped:
+            tags["skipped_images"] = ", ".join(data.skipped)[:5000]
+        return Target(model.net, model.class_names, tags)
+    checkpoint = checkpoint_for(cfg, data, tracker)
+    tags = {"checkpoint": str(checkpoint.path), "checkpoint_hash": checkpoint.hash or "user-supplied"}
     for key in ("test_accuracy", "train_run_id"):
         if key in checkpoint.info:
             tags[f"model.{key}"] = str(checkpoint.info[key])
-    return tags
+    return Target(load_classifier(checkpoint.path), [str(c) for c in range(cfg.data.num_classes)], tags)
 
 
-def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackResult) -> None:
-    for step, (eps, metrics, examples) in enumerate(zip(result.eps, result.metrics, result.examples,
-                                                        strict=True)):
+def per_image_table(names: list[str], class_names: list[str], samples: dict[str, torch.Tensor]) -> dict:
+    """One row per attacked image: names of the true, clean and adversarial classes (and the
+    target), confidences, norms and success — for MLflow's table view."""
+    def named(key):
+        return [class_names[i] for i in samples[key].tolist()]
+
+    table = {"image": names, "true": named("y"), "clean": named("clean_pred"),
+             "clean_confidence": samples["clean_confidence"].tolist(), "adversarial": named("adv_pred"),
+             "adv_confidence": samples["adv_confidence"].tolist()}
+    if "target" in samples:
+        table["target"] = named("target")
+    table |= {key: samples[key].tolist() for key in ("success", "l2", "linf")}
+    return table
+
+
+def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackResult,
+                target: Target, names: list[str]) -> None:
+    for step, (eps, metrics, examples, samples) in enumerate(zip(
+            result.eps, result.metrics, result.examples, result.samples, strict=True)):
         tracker.log_metrics(run_id, metrics, step=step)
+        suffix = "" if eps is None else f"_eps{eps:g}"
         title = f"{_label(cfg.attack.name, eps)} on {cfg.model.name}"
-        name = "examples.png" if eps is None else f"examples_eps{eps:g}.png"
-        tracker.log_figure(run_id, example_grid(examples, title), name)
+        grid = example_grid(examples, title, class_names=target.class_names,
+                            label_word="ref" if target.tags.get("labels", "").startswith("model") else "true")
+        tracker.log_figure(run_id, grid, f"examples{suffix}.png")
+        tracker.log_table(run_id, per_image_table(names, target.class_names, samples),
+                          f"per_image{suffix}.json")
     if len(result.eps) > 1:
         curves = {key: {"": (result.eps, [m[key] for m in result.metrics])}
                   for key in ("success_rate", "adv_accuracy", "l2_mean")}
@@ -54,32 +92,35 @@ def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackRe
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Attack the (cached or freshly trained) classifier as `cfg` says; return the metrics of the
-    last eps. Raises PipelineError subclasses for bad input, before any MLflow run is opened.
+    """Attack the classifier as `cfg` says; return the metrics of the last eps. Raises
+    PipelineError subclasses for bad input, before any MLflow run is opened.
 
-    Besides the attack metrics the run gets where its time went: `seconds_setup` (data,
-    checkpoint, model; training too when it happens), `seconds_attack_step` (the Lightning
-    test loop: clean pass, attack, evaluation) and `seconds_tracking` (MLflow and figures)."""
+    Besides the attack metrics the run gets where its time went: `seconds_setup` (data, model;
+    training too when it happens), `seconds_attack_step` (the Lightning test loop: clean pass,
+    attack, evaluation) and `seconds_tracking` (MLflow and figures)."""
     start = time.perf_counter()
-    data = instantiate(cfg.data)
-    validate(cfg, test_set_size=data.test_size)
+    validate(cfg)
+    data = build(cfg.data.module)
     tracker = Tracker.connect(cfg.tracking)
     data.prepare_data()
-    checkpoint = checkpoint_for(cfg, data, tracker)
-    classifier = load_classifier(checkpoint.path)
+    target = _target(cfg, data, tracker)
+    check_n_eval(cfg.n_eval, data.test_size)
     indices, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    names = [data.names[i] for i in indices]
     opened = time.perf_counter()
 
-    with tracker.run(cfg.tracking.experiment, _run_name(cfg), flatten(cfg),
-                     _tags(checkpoint, data.checksums), parent_id=os.environ.get(PARENT_ENV)) as run_id:
+    tags = {"stage": "attack", **target.tags,
+            **{f"data_sha256.{name}": sha for name, sha in data.checksums.items()}}
+    with tracker.run(cfg.tracking.experiment, _run_name(cfg), flatten(cfg), tags,
+                     parent_id=os.environ.get(PARENT_ENV)) as run_id:
         tracker.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         tracker.log_dict(run_id, _overrides(), "overrides.yaml")
         tracker.log_dict(run_id, indices, "eval_indices.json")
         attack_start = time.perf_counter()
-        result = run_attack(cfg, classifier, eval_set)
+        result = run_attack(cfg, target.net, eval_set)
         attack_step = time.perf_counter() - attack_start
         tracker.set_tags(run_id, {"cpu_workers_used": str(result.cpu_workers)})
-        _log_result(tracker, run_id, cfg, result)
+        _log_result(tracker, run_id, cfg, result, target, names)
         tracker.log_metrics(run_id, {
             "seconds_setup": opened - start, "seconds_attack_step": attack_step,
             "seconds_tracking": time.perf_counter() - opened - attack_step})

@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -184,6 +185,12 @@ class Tracker:
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_table(self, run_id: str, table: Mapping[str, list], artifact_file: str) -> None:
+        """Columns of equal length, shown as a table in the MLflow UI."""
+        with warnings.catch_warnings():  # MLflow's own use of pandas raises a deprecation warning
+            warnings.filterwarnings("ignore", message=".*'str' dtypes are included by select_dtypes")
+            self.client.log_table(run_id, dict(table), artifact_file)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

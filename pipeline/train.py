@@ -10,14 +10,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline.cli import entrypoint, exit_on_user_error
-from pipeline.config import CONFIG_DIR, flatten, validate
+from pipeline.config import CONFIG_DIR, build, flatten, validate
 from pipeline.data import MNISTData
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import Classifier
 from pipeline.tracking import Tracker
 from pipeline.trainer import lightning_trainer
@@ -39,7 +38,7 @@ def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
     train = OmegaConf.to_container(cfg.train, resolve=True)
     for knob in ("force", "log_every_n_steps"):  # do not change the weights
         train.pop(knob, None)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(cfg.data.module, resolve=True)
     for where in ("root", "_target_", "eval_batch_size"):  # where the files sit does not matter
         data.pop(where, None)
     return {"cache_version": CACHE_VERSION, "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -106,8 +105,10 @@ def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, dige
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """`python -m pipeline.train <overrides>`: make sure the checkpoint for `cfg` exists."""
-    data = instantiate(cfg.data)
-    validate(cfg, test_set_size=data.test_size)
+    validate(cfg)
+    if "pretrained" in cfg.model:
+        raise ConfigError(f"model={cfg.model.name} comes pretrained; there is nothing to train")
+    data = build(cfg.data.module)
     tracker = Tracker.connect(cfg.tracking)
     data.prepare_data()
     checkpoint = checkpoint_for(cfg, data, tracker)

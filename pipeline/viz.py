@@ -22,13 +22,14 @@ def _image(ax, img: torch.Tensor, **kwargs) -> None:
 
 
 def example_grid(examples: Mapping[str, torch.Tensor], title: str, columns: int = 4,
-                 class_names: Sequence[str] | None = None) -> Figure:
+                 class_names: Sequence[str] | None = None, label_word: str = "true") -> Figure:
     """Triplets original | perturbation (scaled to its own max) | adversarial, captioned with the
-    true label, predictions and confidences; red captions mark successful attacks."""
+    label (`label_word`: "true", or "ref" for a reference label taken from the model),
+    predictions and confidences; red captions mark successful attacks."""
     name = (lambda c: class_names[c]) if class_names else str
     n = len(examples["y"])
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, 3 * columns, figsize=(3 * columns * 1.25, rows * 1.6),
+    fig, axes = plt.subplots(rows, 3 * columns, figsize=(3 * columns * 1.25, rows * 1.8 + 0.4),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -48,7 +49,7 @@ def example_grid(examples: Mapping[str, torch.Tensor], title: str, columns: int 
         for ax in (ax_x, ax_d, ax_a):
             ax.axis("on")
         y, clean, adv = int(examples["y"][i]), int(examples["clean_pred"][i]), int(examples["adv_pred"][i])
-        ax_x.set_title(f"true {name(y)}\npred {name(clean)} "
+        ax_x.set_title(f"{label_word} {name(y)}\npred {name(clean)} "
                        f"{examples['clean_confidence'][i]:.0%}", fontsize=7)
         ax_d.set_title(f"perturbation\n±{scale:.3g}", fontsize=7)
         target = f" → {name(int(examples['target'][i]))}" if "target" in examples else ""

@@ -84,7 +84,8 @@ def _free_port() -> int:
 
 BAD_INPUTS = {
     "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: fgsm, lbfgs, szegedy_sgd"),
-    "unknown model": (["model=resnet9000"], r"unknown model 'resnet9000'; valid options: cnn, fc100_100"),
+    "unknown model": (["model=resnet9000"],
+                      r"unknown model 'resnet9000'; valid options: cnn, efficientnet_lite0, fc100_100"),
     "negative eps": (["eps=-0.1"], r"eps=-0.1 is out of range"),
     "eps above 1": (["eps=1.5"], r"eps=1.5 is out of range"),
     "eps not a number": (["eps=big"], r"eps='big' is not a number"),

@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from pipeline.config import CONFIG_DIR, flatten, validate
+from pipeline.config import CONFIG_DIR, build, flatten, validate
 from pipeline.errors import ConfigError
 from tests.conftest import make_config
 
@@ -16,16 +16,29 @@ def test_groups_exist():
     assert {"data", "model", "train", "attack", "tracking"} <= set(GROUPS)
 
 
+# options that only fit a partner: ImageNet models need photos (and VGG16 random weights offline)
+PARTNERS = {("data", "imagenet"): ["model=efficientnet_lite0"],
+            ("model", "vgg16"): ["data=imagenet", "model.weights=null"],
+            ("model", "efficientnet_lite0"): ["data=imagenet"],
+            ("experiment", "szegedy_table1"): []}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     import torch
 
-    cfg = make_config([f"{group}={option}", f"paths.outputs={tmp_path}"])
-    validate(cfg, test_set_size=10_000)
-    data = instantiate(cfg.data)
+    cfg = make_config([f"{group}={option}", f"paths.outputs={tmp_path}",
+                       *PARTNERS.get((group, option), [])])
+    validate(cfg)
+    data = build(cfg.data.module)
+    assert data.name == cfg.data.name and cfg.tracking.uri.startswith(("sqlite:///", "http"))
+    if "pretrained" in cfg.model:  # an ImageNet classifier: [0,1] photos at its input size
+        model = build(cfg.model.pretrained)
+        assert model.net(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
+        assert len(model.class_names) == 1000 and cfg.data.num_classes == 1000
+        return
     net = instantiate(cfg.model.net)
-    logits = net(torch.rand(2, 1, 28, 28))
-    assert logits.shape == (2, cfg.data.num_classes)
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, cfg.data.num_classes)
     attack = instantiate(cfg.attack.fn)
     eps = {} if cfg.attack.eps is None else {"eps": cfg.attack.eps}
     options = {"targeted": True, "target": torch.tensor([1, 2])} if cfg.attack.targeted else {}
@@ -33,8 +46,15 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         options.update({"lbfgs": {"c_steps": 1, "max_iter": 2}, "szegedy_sgd": {"steps": 2}}[cfg.attack.name])
     x_adv = attack(net.eval(), torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), **eps, **options)
     assert x_adv.shape == (2, 1, 28, 28)
-    assert data.root == cfg.paths.data
-    assert cfg.tracking.uri.startswith(("sqlite:///", "http"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=vgg16"], r"model=vgg16 is an ImageNet model and data=mnist does not fit it"),
+    (["data=imagenet"], r"model=cnn is an MNIST model and data=imagenet does not fit it"),
+])
+def test_data_and_model_must_fit(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_config(overrides))
 
 
 def test_defaults_match_the_contract(monkeypatch):
@@ -69,12 +89,12 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
 ])
 def test_bad_values_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(make_config(overrides), test_set_size=10_000)
+        validate(make_config(overrides))
 
 
 @pytest.mark.parametrize("target", ["next", "random", "least_likely", 0, 9])
 def test_valid_targets_pass(target):
-    validate(make_config(["attack.targeted=true", f"attack.target={target}"]), test_set_size=10_000)
+    validate(make_config(["attack.targeted=true", f"attack.target={target}"]))
 
 
 def test_flatten_gives_dotted_keys():

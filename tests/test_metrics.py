@@ -40,6 +40,22 @@ def test_untargeted_success_counts_only_clean_correct_images():
     assert metrics["clean_accuracy"] == 0.75
     assert metrics["adv_accuracy"] == 0.25
     assert metrics["success_rate"] == pytest.approx(2 / 3)
+    assert metrics["top5_success_rate"] == 0  # with 4 classes the true one is always in the top 5
+    assert metrics["confidence_clean_mean"] == pytest.approx(0.5)
+
+
+def test_top5_success_means_the_true_class_left_the_top_5():
+    y = torch.tensor([0, 0, 0])
+    clean = torch.zeros(3, 8)
+    clean[:, 0] = 5.0                                   # all three correct when clean
+    adv = torch.arange(8.0).repeat(3, 1)                # class 0 ranked last: out of the top 5
+    adv[1, 0] = 3.5                                     # ranked 4th: still in the top 5
+    adv[2] = 0.0
+    adv[2, 0] = 1.0                                     # still the top-1
+    samples = per_sample(torch.zeros(3, 1), torch.zeros(3, 1), y, clean, adv)
+    assert samples["top5_success"].tolist() == [True, False, False]
+    assert samples["success"].tolist() == [True, True, False]
+    assert summarize(samples)["top5_success_rate"] == pytest.approx(1 / 3)
 
 
 def test_targeted_success_means_reaching_the_target():

@@ -7,12 +7,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.bench import report as rep
 from pipeline.bench.implementations import ATTACKS, Setup
 from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, training
+from pipeline.config import build
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
 from pipeline.parallel import CoreSplit, cpu_workers
@@ -23,6 +23,9 @@ SECTIONS = ("attacks", "eps_list", "training", "end_to_end")
 
 
 def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
+    if "pretrained" in cfg.model:
+        raise ConfigError("the benchmark runs on MNIST models (data=mnist, model=cnn, ...); time a "
+                          "pretrained ImageNet model with `python -m pipeline data=imagenet ...`")
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"no benchmark for attack(s) {unknown}; choose from {sorted(ATTACKS)}")
@@ -41,7 +44,7 @@ def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
 
 
 def run_bench(cfg: DictConfig) -> dict:
-    data = instantiate(cfg.data)
+    data = build(cfg.data.module)
     device = _validate(cfg, data.test_size)
     tracker = Tracker.connect(cfg.tracking)
     data.prepare_data()

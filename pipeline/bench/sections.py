@@ -10,7 +10,6 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +18,7 @@ from pipeline.attacks import fgsm
 from pipeline.attacks.losses import succeeded
 from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Attack, Setup, next_class
 from pipeline.bench.measure import Batch, forward, forward_backward, median_seconds, over_batches
-from pipeline.config import PROJECT_ROOT
+from pipeline.config import PROJECT_ROOT, build
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint_for
 
@@ -168,7 +167,7 @@ def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.
 def training(cfg: DictConfig, tracker: Tracker) -> dict:
     """Train the configured model from scratch (into a temporary folder, the cache untouched)."""
     cfg = cfg.copy()
-    data = instantiate(cfg.data)
+    data = build(cfg.data.module)
     data.prepare_data()
     with tempfile.TemporaryDirectory() as tmp:
         OmegaConf.update(cfg, "train.force", True)
