@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import eps_values
-from pipeline.metrics import per_sample, summarize
+from pipeline.metrics import min_norm_summary, per_sample, summarize
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.targets import choose_targets, random_offsets
 from pipeline.trainer import lightning_trainer
@@ -66,18 +66,22 @@ class AttackStep(L.LightningModule):
     """Attacks each test batch with `attack(model, x, y, eps=..., targeted=..., target=...)`
     for every eps value (no `eps` for an attack without one) and keeps every image's outcome.
     An attack that takes `info=` fills it with per-image diagnostics (e.g. lbfgs' final c);
-    their medians become metrics `<key>_median`."""
+    their medians become metrics `<key>_median`. An attack that takes `seeds=` (random starts)
+    gets one per image, made of `seed` and the image's position in the eval subset, so its draw
+    does not depend on the batch size or the CPU split."""
 
     def __init__(self, classifier: nn.Module, attack: Callable, eps: list[float | None],
                  targeted: bool = False, target: str | int = "next",
                  offsets: torch.Tensor | None = None, n_examples: int = 16,
-                 split: CoreSplit | None = None) -> None:
+                 split: CoreSplit | None = None, seed: int = 0) -> None:
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.attack, self.eps = attack, list(eps)
         self.targeted, self.target, self.n_examples = targeted, target, n_examples
         self.split = split  # on CPU: each batch as parallel single-threaded slices
-        self.takes_info = "info" in inspect.signature(attack).parameters
+        parameters = inspect.signature(attack).parameters
+        self.takes_info, self.takes_seeds = "info" in parameters, "seeds" in parameters
+        self.seed = seed
         self.passes = PassCounter(self.classifier)
         self.register_buffer("offsets", offsets, persistent=False)
         self.attack_seconds = 0.0
@@ -86,9 +90,11 @@ class AttackStep(L.LightningModule):
         self.n_kept = 0
         self.info_keys: set[str] = set()
 
-    def _attack(self, x, y, target) -> dict[str, torch.Tensor]:
+    def _attack(self, x, y, target, seeds) -> dict[str, torch.Tensor]:
         """{"adv0": x_adv for the first eps, ..., "info.<key>": per-image diagnostics}."""
         kwargs = {"targeted": self.targeted, "target": target}
+        if self.takes_seeds:
+            kwargs["seeds"] = seeds
         info: dict[str, torch.Tensor] = {}
         if self.takes_info:
             kwargs["info"] = info
@@ -120,7 +126,8 @@ class AttackStep(L.LightningModule):
         sync(x.device)
         start = time.perf_counter()
         self.passes.counting = True
-        generated = self._split(self._attack, x, y, target)
+        seeds = position.cpu() + self.seed * 1_000_000_007 if self.takes_seeds else None
+        generated = self._split(self._attack, x, y, target, seeds)
         self.passes.counting = False
         sync(x.device)
         self.attack_seconds += time.perf_counter() - start
@@ -149,6 +156,8 @@ class AttackStep(L.LightningModule):
             n_images = len(everything["success"])
             if eps is not None:
                 summary["eps"] = eps
+            else:  # a minimal-perturbation attack: the norms it found
+                summary.update(min_norm_summary(everything))
             summary.update(attack_seconds=self.attack_seconds,
                            images_per_second=n_images / self.attack_seconds,
                            forward_passes_per_image=self.passes.forward / n_images,
@@ -169,7 +178,7 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
     step = AttackStep(classifier, instantiate(cfg.attack.fn), eps_values(cfg),
                       targeted=cfg.attack.targeted, target=cfg.attack.target,
                       offsets=random_offsets(len(eval_set), cfg.data.num_classes, cfg.seed),
-                      n_examples=cfg.attack.n_examples, split=split)
+                      n_examples=cfg.attack.n_examples, split=split, seed=cfg.seed)
     try:
         trainer.test(step, DataLoader(eval_set, batch_size=cfg.attack.batch_size), verbose=False)
     finally:

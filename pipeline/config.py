@@ -28,9 +28,11 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _eps(name: str, value: Any) -> float:
+def _eps(name: str, value: Any, norm: str = "linf") -> float:
     eps = _number(name, value)
-    if not 0.0 <= eps <= 1.0:
+    if norm == "l2" and eps < 0.0:
+        raise ConfigError(f"{name}={value} is negative: pass an L2 radius ≥ 0, e.g. {name}=2.0")
+    if norm != "l2" and not 0.0 <= eps <= 1.0:
         raise ConfigError(
             f"{name}={value} is out of range: eps is measured in [0,1] pixel space; "
             f"pass a value between 0 and 1, e.g. {name}=0.1"
@@ -49,20 +51,22 @@ def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
 
 def eps_values(cfg: DictConfig) -> list[float | None]:
     """The eps values one attack job evaluates: `attack.eps_list` if given, else `attack.eps`;
-    `[None]` for an attack without an eps budget (`attack.eps: null`, e.g. lbfgs)."""
+    `[None]` for an attack without an eps budget (`attack.eps: null`, e.g. lbfgs). L∞ radii lie in
+    [0,1]; L2 radii (`attack.norm: l2`) are any non-negative number."""
+    norm = cfg.attack.get("norm", "linf")
     eps_list = cfg.attack.get("eps_list")
     if eps_list is None:
-        return [None] if cfg.attack.get("eps") is None else [_eps("eps", cfg.attack.eps)]
+        return [None] if cfg.attack.get("eps") is None else [_eps("eps", cfg.attack.eps, norm)]
     if not isinstance(eps_list, ListConfig | list) or len(eps_list) == 0:
         raise ConfigError(f"attack.eps_list={eps_list!r} must be a non-empty list, "
                           "e.g. attack.eps_list=[0.05,0.1,0.2]")
-    return [_eps("attack.eps_list", e) for e in eps_list]
+    return [_eps("attack.eps_list", e, norm) for e in eps_list]
 
 
 def _attack_numbers(cfg: DictConfig) -> None:
     """Attack hyper-parameters (reg, lr, steps, c_init, ...) are non-negative numbers."""
     for key, value in cfg.attack.items():
-        if key in ("eps", "target") or isinstance(value, bool) or not isinstance(value, Real):
+        if key in ("eps", "target", "norm") or isinstance(value, bool) or not isinstance(value, Real):
             continue
         if math.isnan(value) or value < 0:
             raise ConfigError(f"attack.{key}={value} must be a non-negative number")
@@ -84,6 +88,9 @@ def validate(cfg: DictConfig) -> None:
                           "fit it; use data=mnist with cnn, mlp or fc*, data=imagenet with vgg16 "
                           "(model.arch=...) or efficientnet_lite0")
     _number("eps", cfg.eps)
+    norm = cfg.attack.get("norm", "linf")
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"attack.norm={norm!r} is unknown; pass attack.norm=linf or attack.norm=l2")
     eps_values(cfg)
     check_n_eval(cfg.n_eval, cfg.data.get("test_size"))
     _positive_int("attack.batch_size", cfg.attack.batch_size)
@@ -95,6 +102,9 @@ def validate(cfg: DictConfig) -> None:
     _positive_int("train.epochs", cfg.train.epochs)
     if cfg.train.n_train is not None:
         _positive_int("train.n_train", cfg.train.n_train)
+    if cfg.attack.targeted and cfg.attack.get("untargeted_only"):
+        raise ConfigError(f"attack={cfg.attack.name} is untargeted only; drop attack.targeted=true "
+                          "or choose a targeted attack (fgsm, bim, pgd, mifgsm, cw_l2, lbfgs)")
     if cfg.attack.targeted:
         target = cfg.attack.target
         n_classes = cfg.data.num_classes

@@ -14,6 +14,8 @@ METRIC_KEYS = (
 # further keys on every attack run
 EXTRA_KEYS = ("szegedy_distortion_mean", "top5_success_rate", "confidence_clean_mean",
               "forward_passes_per_image", "backward_passes_per_image")
+# further keys of attacks without an eps budget (minimal-perturbation attacks: lbfgs, cw_l2, ...)
+MIN_NORM_KEYS = ("min_l2_mean", "min_l2_median")
 
 
 def l0(delta: torch.Tensor) -> torch.Tensor:
@@ -89,3 +91,25 @@ def summarize(samples: dict[str, torch.Tensor]) -> dict[str, float]:
         "confidence_clean_mean": samples["clean_confidence"].mean().item(),
         "szegedy_distortion_mean": distortion.mean().item() if len(distortion) else float("nan"),
     }
+
+
+def min_norm_summary(samples: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean and median L2 of the successful adversarials of a minimal-perturbation attack: the
+    per-image minimal norm it found (NaN if no image succeeded)."""
+    found = samples["l2"][samples["success"]]
+    if len(found) == 0:
+        return {key: float("nan") for key in MIN_NORM_KEYS}
+    return {"min_l2_mean": found.mean().item(), "min_l2_median": found.median().item()}
+
+
+def robustness_curve(samples: dict[str, torch.Tensor], points: int = 50
+                     ) -> tuple[list[float], list[float]]:
+    """Accuracy against an L2 budget, from one minimal-perturbation run without re-running: at
+    radius r an image counts as correct if it is correct when clean and the attack found no
+    adversarial within r. Radii from 0 to the largest successful L2, `points` of them."""
+    found = samples["l2"][samples["success"]]
+    top = found.max().item() if len(found) else 0.0
+    radii = torch.linspace(0.0, top, points) if top > 0 else torch.zeros(1)
+    fooled_within = samples["success"][None, :] & (samples["l2"][None, :] <= radii[:, None])
+    accuracy = (samples["clean_correct"][None, :] & ~fooled_within).float().mean(1)
+    return radii.tolist(), accuracy.tolist()

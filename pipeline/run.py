@@ -14,10 +14,11 @@ from torch import nn
 
 from pipeline.attack_step import AttackResult, run_attack
 from pipeline.config import build, check_n_eval, flatten, validate
+from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
 from pipeline.tracking import PARENT_ENV, Tracker
 from pipeline.train import checkpoint_for
-from pipeline.viz import example_grid, metric_curves
+from pipeline.viz import example_grid, metric_curves, min_norm_figure
 
 
 @dataclass
@@ -84,6 +85,13 @@ def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackRe
         tracker.log_figure(run_id, grid, f"examples{suffix}.png")
         tracker.log_table(run_id, per_image_table(names, target.class_names, samples),
                           f"per_image{suffix}.json")
+        if eps is None:  # a minimal-perturbation attack: the norms it found and what they imply
+            radii, accuracy = robustness_curve(samples)
+            norms = samples["l2"][samples["success"]].tolist()
+            tracker.log_figure(run_id, min_norm_figure(norms, radii, accuracy, f"{title}: minimal L2"),
+                               "min_norm.png")
+            tracker.log_table(run_id, {"l2_budget": radii, "accuracy": accuracy},
+                              "robustness_curve.json")
     if len(result.eps) > 1:
         curves = {key: {"": (result.eps, [m[key] for m in result.metrics])}
                   for key in ("success_rate", "adv_accuracy", "l2_mean")}

@@ -75,3 +75,26 @@ def metric_curves(x_label: str, series: Mapping[str, Mapping[str, tuple[list, li
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def min_norm_figure(norms: Sequence[float], radii: Sequence[float], accuracy: Sequence[float],
+                    title: str) -> Figure:
+    """A minimal-perturbation attack's result: the histogram of the per-image minimal L2 of its
+    successful adversarials, and the accuracy-vs-L2-budget curve that follows from them."""
+    fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_h.hist(list(norms), bins=40, color="tab:blue")
+    if len(norms):
+        median = float(torch.tensor(list(norms)).median())
+        ax_h.axvline(median, color="black", linestyle="--", label=f"median {median:.3g}")
+        ax_h.legend(fontsize=7)
+    ax_h.set_xlabel("minimal L2 of a successful adversarial")
+    ax_h.set_ylabel("images")
+    ax_c.plot(list(radii), list(accuracy), color="tab:red")
+    ax_c.set_xlabel("L2 budget")
+    ax_c.set_ylabel("accuracy")
+    ax_c.set_ylim(0, 1)
+    for ax in (ax_h, ax_c):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -72,7 +72,8 @@ def test_bad_input_in_a_real_process(store, tmp_path):
     result = cli(["attack=nope", f"paths.outputs={tmp_path}"], store)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown attack 'nope'; valid options: fgsm, lbfgs, szegedy_sgd (e.g. attack=fgsm)"]
+        "error: unknown attack 'nope'; valid options: bim, cw_l2, deepfool, fgsm, lbfgs, mifgsm, pgd, "
+        "pgd_l2, szegedy_sgd (e.g. attack=bim)"]
     assert all_runs(store) == []
 
 
@@ -83,7 +84,7 @@ def _free_port() -> int:
 
 
 BAD_INPUTS = {
-    "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: fgsm, lbfgs, szegedy_sgd"),
+    "unknown attack": (["attack=nope"], r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd"),
     "unknown model": (["model=resnet9000"],
                       r"unknown model 'resnet9000'; valid options: cnn, efficientnet_lite0, fc100_100"),
     "negative eps": (["eps=-0.1"], r"eps=-0.1 is out of range"),

@@ -1,0 +1,116 @@
+"""Iterative gradient attacks under an eps budget: BIM (Kurakin et al. 2017), PGD (Madry et al.
+2018; Linf and L2, random start, restarts) and MI-FGSM (Dong et al. 2018).
+
+Every step is projected back onto the threat model — the eps ball around x intersected with
+[0,1] — so every iterate, not only the last, is a valid adversarial. Losses are summed over the
+batch, and random starts are drawn per image from `seeds`, so an image's adversarial does not
+depend on the other images of its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.attacks.losses import succeeded
+from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, project, random_point
+
+
+def _loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor, targeted: bool,
+          target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-image loss the attack increases, logits): CE(y) untargeted, −CE(target) targeted."""
+    logits = model(z)
+    if targeted:
+        return -F.cross_entropy(logits, target, reduction="none"), logits
+    return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+def _gradient(model, z, y, targeted, target) -> torch.Tensor:
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, _ = _loss(model, z, y, targeted, target)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return grad
+
+
+def _ascend(model, x, z, y, eps, norm, alpha, steps, targeted, target, decay=None) -> torch.Tensor:
+    """`steps` projected steps from z: sign of the gradient (Linf) or the L2-normalised gradient
+    (L2); with `decay`, MI-FGSM's momentum over L1-normalised gradients."""
+    momentum = torch.zeros_like(x) if decay is not None else None
+    for _ in range(steps):
+        grad = _gradient(model, z, y, targeted, target)
+        if momentum is not None:
+            scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+            momentum = grad / scale.clamp_min(1e-30) + decay * momentum
+            grad = momentum
+        step = grad.sign() if norm == "linf" else l2_normalise(grad)
+        z = project(x, z + alpha * step, eps, norm)
+    return z
+
+
+def _check(targeted: bool, target, steps: int, restarts: int) -> None:
+    if targeted and target is None:
+        raise ValueError("a targeted attack needs `target` (a class index per image)")
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"steps={steps} must be ≥ 0 and restarts={restarts} ≥ 1")
+
+
+@per_eps
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+        alpha: float | None = None, steps: int = 40, random_start: bool = True, restarts: int = 1,
+        targeted: bool = False, target: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected gradient descent in the `norm` ball of radius `eps` ("linf" or "l2").
+
+    Each restart starts from a random point of the ball (`random_start`; else from x) and takes
+    `steps` steps of size `alpha` (default 2.5·eps/steps, Madry et al.): the gradient's sign for
+    Linf, the gradient scaled to unit L2 norm for L2. With several restarts each image keeps its
+    own worst case: a successful restart over a failed one, then the higher loss — so adding
+    restarts never makes an image's result worse. `seeds` (one int per image) makes the random
+    starts per image and reproducible; without it the global torch generator is used.
+    """
+    check_norm(norm)
+    _check(targeted, target, steps, restarts)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x = x.detach()
+    best = best_success = best_loss = None
+    for restart in range(restarts):
+        start = random_point(x, eps, norm, seeds, restart) if random_start else x
+        z = _ascend(model, x, start, y, eps, norm, alpha, steps, targeted, target)
+        if restarts == 1:
+            return z
+        with torch.no_grad():
+            loss, logits = _loss(model, z, y, targeted, target)
+        success = succeeded(logits, y, targeted, target)
+        if best is None:
+            best, best_success, best_loss = z, success, loss
+            continue
+        # an image's worst case: a success over a failure, then the higher loss
+        better = (success > best_success) | ((success == best_success) & (loss > best_loss))
+        best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), z, best)
+        best_success, best_loss = best_success | success, torch.where(better, loss, best_loss)
+    return best
+
+
+@per_eps
+def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+        steps: int = 10, targeted: bool = False, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Basic iterative method (iterative FGSM): from x, `steps` signed-gradient steps of size
+    `alpha` (default eps/steps), each projected onto the Linf ball of radius eps and [0,1] —
+    PGD without a random start."""
+    _check(targeted, target, steps, 1)
+    alpha = eps / steps if alpha is None else alpha
+    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target)
+
+
+@per_eps
+def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+           steps: int = 10, decay: float = 1.0, targeted: bool = False,
+           target: torch.Tensor | None = None) -> torch.Tensor:
+    """Momentum iterative FGSM: g ← ∇/mean|∇| + decay·g, then a signed step of size `alpha`
+    (default eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
+    _check(targeted, target, steps, 1)
+    alpha = eps / steps if alpha is None else alpha
+    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target,
+                   decay=decay)
