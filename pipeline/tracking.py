@@ -280,10 +280,15 @@ class Sweep:
                                                "children_finished": len(runs)})
         if not runs or not self.swept:
             return
+        drawn = {}
         for artifact, metrics in SUMMARY_PLOTS.items():
             x_key, series = sweep_series(runs, self.swept, metrics)
             self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"),
                                     artifact)
+            drawn.update({metric: {label or "all": {x_key: xs, metric: ys}
+                                   for label, (xs, ys) in lines.items()}
+                          for metric, lines in series.items()})
+        self.tracker.log_dict(self.run_id, drawn, "summary_series.json")  # the plotted lines
         self.tracker.log_dict(self.run_id, [
             {"run_id": r.info.run_id, "run_name": r.info.run_name,
              "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}

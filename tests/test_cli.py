@@ -1,5 +1,6 @@
 """The command line as users type it: the sweep end to end, reruns, and every bad input."""
 
+import json
 import os
 import re
 import socket
@@ -95,6 +96,11 @@ BAD_INPUTS = {
     "missing checkpoint": (["checkpoint=/no/such/model.ckpt"],
                            r"checkpoint /no/such/model.ckpt does not exist"),
     "unknown key": (["foo=1"], r"Could not override 'foo'"),
+    "negative L2 radius": (["attack=pgd_l2", "eps=-2"], r"eps=-2 is negative: pass an L2 radius"),
+    "unknown norm": (["attack=pgd", "attack.norm=l1"], r"attack.norm='l1' is unknown"),
+    "targeted deepfool": (["attack=deepfool", "attack.targeted=true"],
+                          r"attack=deepfool is untargeted only"),
+    "negative steps": (["attack=bim", "attack.steps=-3"], r"attack.steps=-3 must be a non-negative number"),
 }
 
 
@@ -235,3 +241,26 @@ def test_table1_without_a_sweep_is_a_clear_error(store, tmp_path, capsys, monkey
     assert invoke(table1_main, [], tmp_path) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: no experiment=szegedy_table1 sweep in") and "make table1" in line
+
+
+@pytest.mark.slow
+def test_sweep_over_attacks_and_eps_draws_one_line_per_attack(mnist_root, store, tmp_path):
+    result = cli(["attack=fgsm,pgd", "eps=0.1,0.2", *small_overrides(tmp_path), "-m"], store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parents, children = sweep_children(store)
+    (parent,) = parents
+    kids = children[parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(kids) == 4
+    assert parent.data.tags["sweep.swept_keys"] == "attack,eps"
+    client = MlflowClient(store)
+    assert {"summary_success_accuracy.png", "summary_series.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    series = json.loads(open(client.download_artifacts(
+        parent.info.run_id, "summary_series.json", str(tmp_path))).read())
+    for metric in ("adv_accuracy", "success_rate"):
+        assert set(series[metric]) == {"attack=fgsm", "attack=pgd"}
+        for line in series[metric].values():
+            assert line["eps"] == [0.1, 0.2]
+    # PGD (40 steps in the same ball) is at least as strong as FGSM at every eps
+    fgsm_acc, pgd_acc = (series["adv_accuracy"][f"attack={a}"]["adv_accuracy"] for a in ("fgsm", "pgd"))
+    assert all(p <= f for p, f in zip(pgd_acc, fgsm_acc, strict=True)) and pgd_acc[1] < fgsm_acc[1]

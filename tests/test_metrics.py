@@ -82,3 +82,23 @@ def test_success_rate_is_nan_when_nothing_is_classified_correctly():
     samples = per_sample(x, x, torch.tensor([0, 1]), _logits([1, 0]), _logits([1, 0]))
     metrics = summarize(samples)
     assert math.isnan(metrics["success_rate"]) and math.isnan(metrics["szegedy_distortion_mean"])
+
+
+def test_robustness_curve_against_brute_force():
+    from pipeline.metrics import min_norm_summary, robustness_curve
+
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    samples = {"l2": torch.rand(n, generator=g) * 3, "success": torch.rand(n, generator=g) > 0.3,
+               "clean_correct": torch.rand(n, generator=g) > 0.1}
+    samples["success"] &= samples["clean_correct"]
+    radii, accuracy = robustness_curve(samples, points=20)
+    for r, acc in zip(radii, accuracy, strict=True):
+        columns = zip(samples["clean_correct"], samples["success"], samples["l2"], strict=True)
+        robust = [bool(c) and not (bool(s) and float(d) <= r) for c, s, d in columns]
+        assert acc == pytest.approx(sum(robust) / n)
+    found = sorted(float(d) for d, s in zip(samples["l2"], samples["success"], strict=True) if s)
+    summary = min_norm_summary(samples)
+    assert summary["min_l2_mean"] == pytest.approx(sum(found) / len(found))
+    assert summary["min_l2_median"] == pytest.approx(found[(len(found) - 1) // 2])
+    assert radii[-1] == pytest.approx(found[-1])

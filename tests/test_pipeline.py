@@ -147,3 +147,21 @@ def test_local_store_keeps_artifacts_under_outputs(store, tmp_path):
     experiment = MlflowClient(store).get_experiment(tracker.experiment_id("where"))
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "where").as_uri()
     assert PROJECT_ROOT.joinpath("conf").is_dir()
+
+
+def test_minimal_perturbation_attack_logs_its_norms_and_the_curve_they_imply(mnist_root, store, tmp_path):
+    cfg = make_config(small_overrides(tmp_path, "attack=deepfool"))
+    metrics = run(cfg)
+    assert metrics["success_rate"] == 1.0 and 0 < metrics["min_l2_median"] < 5
+    assert "eps" not in metrics
+    (attack_run,) = _runs(store, "mnist")
+    client = MlflowClient(store)
+    run_id = attack_run.info.run_id
+    assert {"min_norm.png", "robustness_curve.json", "per_image.json"} <= {
+        a.path for a in client.list_artifacts(run_id)}
+    curve = json.loads(open(client.download_artifacts(run_id, "robustness_curve.json", str(tmp_path))).read())
+    table = dict(zip(curve["columns"], zip(*curve["data"], strict=True), strict=True))
+    accuracy = list(table["accuracy"])
+    assert accuracy[0] == pytest.approx(metrics["clean_accuracy"])  # budget 0: nothing is fooled
+    assert accuracy[-1] == pytest.approx(metrics["adv_accuracy"])   # the largest norm: all are
+    assert accuracy == sorted(accuracy, reverse=True)

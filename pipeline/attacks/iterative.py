@@ -72,7 +72,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     """
     check_norm(norm)
     _check(targeted, target, steps, restarts)
-    alpha = 2.5 * eps / steps if alpha is None else alpha
+    alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
     x = x.detach()
     best = best_success = best_loss = None
     for restart in range(restarts):
@@ -100,7 +100,7 @@ def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     `alpha` (default eps/steps), each projected onto the Linf ball of radius eps and [0,1] —
     PGD without a random start."""
     _check(targeted, target, steps, 1)
-    alpha = eps / steps if alpha is None else alpha
+    alpha = eps / max(steps, 1) if alpha is None else alpha
     return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target)
 
 
@@ -111,6 +111,6 @@ def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha
     """Momentum iterative FGSM: g ← ∇/mean|∇| + decay·g, then a signed step of size `alpha`
     (default eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
     _check(targeted, target, steps, 1)
-    alpha = eps / steps if alpha is None else alpha
+    alpha = eps / max(steps, 1) if alpha is None else alpha
     return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target,
                    decay=decay)
