@@ -65,10 +65,10 @@ class AttackResult:
 class AttackStep(L.LightningModule):
     """Attacks each test batch with `attack(model, x, y, eps=..., targeted=..., target=...)`
     for every eps value (no `eps` for an attack without one) and keeps every image's outcome.
-    An attack that takes `info=` fills it with per-image diagnostics (e.g. lbfgs' final c);
-    their medians become metrics `<key>_median`. An attack that takes `seeds=` (random starts)
-    gets one per image, made of `seed` and the image's position in the eval subset, so its draw
-    does not depend on the batch size or the CPU split."""
+    An attack that takes `info=` fills it with per-image diagnostics (e.g. lbfgs' final c); their
+    medians (NaN entries, e.g. failed images, left out) become metrics `<key>_median`. An attack
+    that takes `seeds=` (random starts) gets one per image, made of `seed` and the image's
+    position in the eval subset, so its draw does not depend on the batch size or the CPU split."""
 
     def __init__(self, classifier: nn.Module, attack: Callable, eps: list[float | None],
                  targeted: bool = False, target: str | int = "next",
@@ -163,7 +163,7 @@ class AttackStep(L.LightningModule):
                            forward_passes_per_image=self.passes.forward / n_images,
                            backward_passes_per_image=self.passes.backward / n_images)
             for key in self.info_keys:
-                summary[f"{key}_median"] = everything[key].float().median().item()
+                summary[f"{key}_median"] = everything[key].float().nanmedian().item()  # NaN: none
             metrics.append(summary)
             examples.append({key: torch.cat(parts) for key, parts in shown.items()})
         return AttackResult(self.eps, metrics, examples, outcomes,
