@@ -10,10 +10,10 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui bench table1 test lint clean
+.PHONY: help install data train attack sweep demo ui bench table1 published test lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(CURDIR)/.tools/uv/bin/uv:
 	$(PYTHON) -m pip install --quiet --target $(CURDIR)/.tools/uv uv
@@ -51,6 +51,9 @@ bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, swee
 table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS, print ours beside the paper's
 	$(RUN) python -m pipeline experiment=szegedy_table1 -m
 	$(RUN) python -m pipeline.table1
+
+published: data ## C&W 2017 Table IV and DeepFool's rho_adv on the default CNN, ours beside the papers' → outputs/published/
+	$(RUN) python -m pipeline.published $(PUBLISHED)
 
 test: data ## the whole test suite
 	$(RUN) pytest

@@ -4,7 +4,9 @@
 Every step is projected back onto the threat model — the eps ball around x intersected with
 [0,1] — so every iterate, not only the last, is a valid adversarial. Losses are summed over the
 batch, and random starts are drawn per image from `seeds`, so an image's adversarial does not
-depend on the other images of its batch.
+depend on the other images of its batch. A list of eps runs the attack once per value; for
+`bim` and `mifgsm`, `eps` (and `alpha`) may also be a tensor of one value per image shaped to
+broadcast against x, (B, 1, 1, 1), e.g. to bisect each image's radius.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 
 
 @per_eps
-def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
+        alpha: float | torch.Tensor | None = None,
         steps: int = 10, targeted: bool = False, target: torch.Tensor | None = None) -> torch.Tensor:
     """Basic iterative method (iterative FGSM): from x, `steps` signed-gradient steps of size
     `alpha` (default eps/steps), each projected onto the Linf ball of radius eps and [0,1] —
@@ -105,7 +108,8 @@ def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
 
 
 @per_eps
-def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
+           alpha: float | torch.Tensor | None = None,
            steps: int = 10, decay: float = 1.0, targeted: bool = False,
            target: torch.Tensor | None = None) -> torch.Tensor:
     """Momentum iterative FGSM: g ← ∇/mean|∇| + decay·g, then a signed step of size `alpha`
