@@ -6,10 +6,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.bench.harness import run_bench
+from pipeline.bench.implementations import ATTACKS, hyper_parameters
+from pipeline.bench.report import findings
 from pipeline.errors import ConfigError
 from tests.conftest import make_config, small_overrides
 
 PEERS = {"torchattacks", "foolbox", "art", "advertorch"}
+NEW_ATTACKS = ("bim", "pgd", "pgd_l2", "mifgsm", "cw_l2", "deepfool")
 
 
 def bench_config(outputs, *extra):
@@ -83,12 +86,82 @@ def test_optimisation_attack_rows(mnist_root, store, tmp_path):
     assert "| lbfgs | advertorch 0.2.3 | 8 × 1 |" in markdown and "different solver" in markdown
 
 
+@pytest.mark.slow
+def test_iterative_and_minimal_norm_rows(mnist_root, store, tmp_path):
+    steps = [f"per_attack.{attack}.steps=5" for attack in ("bim", "pgd", "pgd_l2", "mifgsm")]
+    report = run_bench(bench_config(
+        tmp_path, f"attacks=[{','.join(NEW_ATTACKS)}]", "sections=[attacks]", "n=12", *steps,
+        "per_attack.cw_l2.n=8", "per_attack.cw_l2.binary_steps=2", "per_attack.cw_l2.steps=10",
+        "per_attack.deepfool.steps=10"))
+    rows = {(r["attack"], r["key"]): r for r in report["attacks"]}
+    peers = {"torchattacks", "foolbox", "art"}
+    for attack in NEW_ATTACKS:
+        keys = {key for (a, key) in rows if a == attack}
+        assert keys == {"ours", "ours_one_call", "floor", "floor_split",
+                        *(peers - {"art"} if attack == "cw_l2" else peers)}, attack
+        assert rows[attack, "ours"]["images"] == (8 if attack == "cw_l2" else 12)
+        assert rows[attack, "ours_one_call"]["agrees"]  # split over cores or not: the same attack
+
+    # the same hyper-parameters for ours and every peer, in every row
+    assert rows["bim", "torchattacks"]["params"] == {"eps": 0.1, "alpha": 0.1 / 5, "steps": 5}
+    assert rows["pgd_l2", "art"]["params"] == {"eps": 1.5, "alpha": 2.5 * 1.5 / 5, "steps": 5,
+                                              "random_start": False}
+    assert rows["cw_l2", "foolbox"]["params"]["binary_steps"] == 2
+
+    # floors: the iterative attacks' steps; cw_l2 and deepfool as counted in ours
+    for attack in ("bim", "pgd", "pgd_l2", "mifgsm"):
+        assert rows[attack, "ours"]["passes_per_image"] == rows[attack, "floor"]["passes_per_image"] == 5
+    for attack in ("cw_l2", "deepfool"):
+        assert rows[attack, "floor"]["passes_per_image"] == rows[attack, "ours"]["passes_per_image"] > 1
+    assert rows["deepfool", "floor"]["implementation"].startswith("floor: fwd + 9-logit Jacobian")
+
+    # exact peers give our adversarials (to float rounding) and our adversarial accuracy
+    not_exact = {("mifgsm", "foolbox"), ("cw_l2", "torchattacks"), ("cw_l2", "foolbox"),
+                 ("deepfool", "torchattacks"), ("deepfool", "art")}
+    for (attack, key), row in rows.items():
+        if row["role"] != "peer":
+            continue
+        assert row["exact"] == ((attack, key) not in not_exact), (attack, key)
+        if row["exact"]:
+            assert row["agrees"], (attack, key)
+            assert row["adv_accuracy"] == rows[attack, "ours"]["adv_accuracy"]
+            if attack != "pgd_l2":  # the L2 libraries normalise and project in other orders
+                assert row["max_abs_difference"] < 1e-4, (attack, key)
+    for key in ("torchattacks", "foolbox", "art"):  # the same float operations: bit for bit
+        assert rows["pgd", key]["identical_fraction"] == 1
+    assert rows["mifgsm", "torchattacks"]["identical_fraction"] == 1
+    assert not [f for f in findings(report) if "adv accuracy" in f]
+    assert rows["cw_l2", "torchattacks"]["same_work"] is False  # no search over c
+
+    markdown = next((tmp_path / "bench").glob("*.md")).read_text()
+    assert "the same for ours and every peer: bim: eps 0.1, alpha 0.02, steps 5;" in markdown
+    assert "pgd_l2: eps 1.5, alpha 0.75, steps 5, random_start False" in markdown
+    assert "(fixed c=1: no search over c) † |" in markdown
+
+
+def test_hyper_parameters():
+    assert hyper_parameters("pgd", 0.3, {"n": 5, "steps": 4}) == {
+        "eps": 0.3, "alpha": 2.5 * 0.3 / 4, "steps": 4, "random_start": False}
+    assert hyper_parameters("bim", 0.1, {"alpha": 0.05})["alpha"] == 0.05
+    assert hyper_parameters("pgd_l2", 0.1, {})["eps"] == 1.5  # an L2 radius of its own
+    assert hyper_parameters("deepfool", 0.1, {}) == {"steps": 50, "overshoot": 0.02, "candidates": 10}
+    assert hyper_parameters("lbfgs", 0.1, {"repeats": 1}) == {}
+    assert ATTACKS["pgd"].floor({"steps": 7}) == 7 and ATTACKS["cw_l2"].floor({}) is None
+    assert ATTACKS["deepfool"].jacobian_rows({"candidates": None}, 10) == 9
+    assert not ATTACKS["mifgsm"].peer("foolbox").exact and ATTACKS["mifgsm"].peer("art").exact
+    with pytest.raises(ConfigError, match=r"per_attack.bim: unknown key\(s\) \['decay'\]"):
+        hyper_parameters("bim", 0.1, {"decay": 0.5})
+
+
 @pytest.mark.parametrize("override,message", [
     ("attacks=[nope]",
-     r"no benchmark for attack\(s\) \['nope'\]; choose from \['fgsm', 'lbfgs', 'szegedy_sgd'\]"),
+     r"no benchmark for attack\(s\) \['nope'\]; choose from \['bim', 'cw_l2', 'deepfool', 'fgsm', "
+     r"'lbfgs', 'mifgsm', 'pgd', 'pgd_l2', 'szegedy_sgd'\]"),
     ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
     ("n=0", r"n=0 must be a positive integer"),
     ("batch_size=-1", r"batch_size=-1 must be a positive integer"),
+    ("+per_attack.cw_l2.stepz=10", r"per_attack.cw_l2: unknown key\(s\) \['stepz'\]"),
+    ("per_attack.pgd.repeats=0", r"per_attack.pgd.repeats=0 must be a positive integer"),
 ])
 def test_bad_bench_config(override, message, store, tmp_path):
     with pytest.raises(ConfigError, match=message):

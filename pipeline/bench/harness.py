@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.bench import report as rep
-from pipeline.bench.implementations import ATTACKS, Setup
+from pipeline.bench.implementations import ATTACKS, RUN_KEYS, Setup, hyper_parameters
 from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, training
 from pipeline.config import build
 from pipeline.errors import ConfigError
@@ -32,8 +33,13 @@ def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
     bad_sections = [s for s in cfg.sections if s not in SECTIONS]
     if bad_sections:
         raise ConfigError(f"unknown section(s) {bad_sections}; choose from {list(SECTIONS)}")
-    for key, upper in (("n", test_set_size), ("batch_size", None), ("repeats", None)):
-        value = cfg[key]
+    checks = [(key, cfg[key], upper) for key, upper in
+              (("n", test_set_size), ("batch_size", None), ("repeats", None))]
+    for name in cfg.attacks:  # per_attack: image counts, repeats and hyper-parameters
+        own = _per_attack(cfg, name)
+        hyper_parameters(name, cfg.eps, own)
+        checks += [(f"per_attack.{name}.{key}", own[key], None) for key in RUN_KEYS if key in own]
+    for key, value, upper in checks:
         if not isinstance(value, int) or value <= 0 or (upper and value > upper):
             raise ConfigError(f"{key}={value} must be a positive integer"
                               + (f" up to {upper}" if upper else ""))
@@ -41,6 +47,11 @@ def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu")
     return device
+
+
+def _per_attack(cfg: DictConfig, name: str) -> dict:
+    own = cfg.per_attack.get(name)
+    return OmegaConf.to_container(own, resolve=True) if own is not None else {}
 
 
 def run_bench(cfg: DictConfig) -> dict:
@@ -76,10 +87,13 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
     sections = set(cfg.sections)
     if "attacks" in sections:
         report["attacks"] = []
-        for name in cfg.attacks:  # slow attacks may use fewer images and repeats
-            own = cfg.per_attack.get(name, {})
-            n, repeats = own.get("n", cfg.n), own.get("repeats", cfg.repeats)
-            report["attacks"] += attack_rows(name, setup, x[:n], y[:n], repeats)
+        for name in cfg.attacks:  # slow attacks use fewer images and repeats: n and repeats cap them
+            own = _per_attack(cfg, name)
+            n, repeats = own.get("n", cfg.n), min(own.get("repeats", cfg.repeats), cfg.repeats)
+            params = hyper_parameters(name, cfg.eps, own)
+            report["attacks"] += attack_rows(
+                name, replace(setup, eps=params.get("eps", setup.eps), params=params),
+                x[:n], y[:n], repeats)
     if "eps_list" in sections:
         report["eps_list"] = eps_list_row(setup, list(cfg.eps_list), x, y, cfg.repeats)
     if "training" in sections:

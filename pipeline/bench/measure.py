@@ -54,6 +54,20 @@ def forward_backward(model: nn.Module, passes: int = 1) -> Batch:
     return run
 
 
+def forward_jacobian(model: nn.Module, rows: int) -> Batch:
+    """The floor of one Jacobian step for a batch: a forward pass and the input gradients of
+    `rows` logits, as one batched (vmapped) backward pass, as DeepFool's candidates need them."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)[:, :rows]
+            eye = torch.eye(rows, dtype=logits.dtype, device=x.device)
+            seeds = eye[:, None, :].expand(rows, len(x), rows)  # one one-hot row per logit
+            (grads,) = torch.autograd.grad(logits, x, grad_outputs=seeds, is_grads_batched=True)
+        return grads
+    return run
+
+
 def forward(model: nn.Module) -> Batch:
     """One forward pass per image of a batch without gradients (evaluating adversarials)."""
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

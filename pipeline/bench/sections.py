@@ -17,7 +17,14 @@ from pipeline.attack_step import PassCounter
 from pipeline.attacks import fgsm
 from pipeline.attacks.losses import succeeded
 from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Attack, Setup, next_class
-from pipeline.bench.measure import Batch, forward, forward_backward, median_seconds, over_batches
+from pipeline.bench.measure import (
+    Batch,
+    forward,
+    forward_backward,
+    forward_jacobian,
+    median_seconds,
+    over_batches,
+)
 from pipeline.config import PROJECT_ROOT, build
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint_for
@@ -67,9 +74,15 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
     Warm-up calls use the first `warmup_images` images; the timed calls give the outputs."""
     attack, bs = ATTACKS[name], setup.batch_size
     ours = attack.ours(setup)
-    floor = forward_backward(setup.model, attack.floor_passes or 1)
-    floor_name = (f"floor: {attack.floor_passes} fwd+bwd" if attack.floor_passes
-                  else "floor: fwd+bwd as counted in ours")
+    floor_passes = attack.floor(setup.params)
+    jacobian_rows = attack.jacobian_rows(setup.params, setup.num_classes)
+    if jacobian_rows:  # a counted pass of ours is a forward and a batched backward of that many rows
+        floor = forward_jacobian(setup.model, jacobian_rows)
+        floor_name = f"floor: fwd + {jacobian_rows}-logit Jacobian, as many as counted in ours"
+    else:
+        floor = forward_backward(setup.model, floor_passes or 1)
+        floor_name = (f"floor: {floor_passes} fwd+bwd" if floor_passes
+                      else "floor: fwd+bwd as counted in ours")
     rows = []  # (key, label, role, run over all images, floor key)
     if setup.split is not None:
         cores = f"split over {setup.split.workers} cores"
@@ -78,10 +91,11 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
                   "floor_split")]
     rows += [("ours_one_call" if setup.split else "ours", f"{OURS} (one call per batch)", "ours",
               ours, "floor"), ("floor", floor_name, "floor", floor, "floor")]
-    missing = []
-    for peer, make in attack.peers.items():
+    missing, specs = [], {peer: attack.peer(peer) for peer in attack.peers}
+    for peer, spec in specs.items():
         try:
-            rows.append((peer, _label(peer), "peer", make(setup), "floor"))
+            label = _label(peer) + (f" ({spec.note})" if spec.note else "")
+            rows.append((peer, label, "peer", spec.make(setup), "floor"))
         except ImportError as error:
             missing.append({"attack": name, "key": peer, "implementation": peer, "role": "peer",
                             "note": f"not installed ({error}); `uv sync --extra bench`"})
@@ -105,24 +119,31 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
                      for key, run in runs.items()})
     finally:
         counter.remove()
-    if attack.floor_passes is None:  # one counted pass per image was timed: scale to ours
+    if floor_passes is None:  # one counted pass per image was timed: scale to ours
         for floor_key in ("floor", "floor_split"):
             if floor_key in seconds:
                 seconds[floor_key] *= passes["ours"]
                 passes[floor_key] = passes["ours"]
     speed = {key: len(x) / s for key, s in seconds.items()}
-    fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer"), default=float("nan"))
+    # the fastest peer doing the same work as ours (not one that skips part of it)
+    fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer" and specs[key].same_work),
+                       default=float("nan"))
     clean_correct = over_batches(forward(setup.model), bs)(x, y).argmax(1) == y
     outcome = {key: _outcome(setup, attack, x, y, outputs[key], clean_correct)
                for key, _, role, _, _ in rows if role != "floor"}
 
     table = []
     for key, label, role, _, floor_key in sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2])):
+        spec = specs.get(key)
+        # random starts: each library, and each slice of a split batch, draws its own
+        exact = (spec.exact if spec else attack.exact) and not setup.params.get("random_start")
         row = {"attack": name, "key": key, "implementation": label, "role": role,
-               "exact": attack.exact, "images": len(x),
+               "exact": exact, "images": len(x),
                "repeats": repeats, "images_per_second": speed[key], "floor": floor_key,
                "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer,
-               "passes_per_image": passes[key]}
+               "passes_per_image": passes[key], "params": dict(setup.params)}
+        if spec and not spec.same_work:
+            row["same_work"] = False
         if key in outcome:
             row.update(outcome[key])
             if key != "ours":
