@@ -64,7 +64,7 @@ def forward_jacobian(model: nn.Module, rows: int) -> Batch:
             eye = torch.eye(rows, dtype=logits.dtype, device=x.device)
             seeds = eye[:, None, :].expand(rows, len(x), rows)  # one one-hot row per logit
             (grads,) = torch.autograd.grad(logits, x, grad_outputs=seeds, is_grads_batched=True)
-        return grads
+        return grads.transpose(0, 1)  # (B, rows, ...): images first, as every batch result
     return run
 
 
