@@ -337,10 +337,7 @@ def produce(cfg: DictConfig) -> dict:
     md.write_text(text)
     js.write_text(json.dumps(record, indent=2))
 
-    tags = {"stage": "published", "checkpoint": str(checkpoint.path),
-            "checkpoint_hash": checkpoint.hash or "user-supplied"}
-    if "test_accuracy" in checkpoint.info:
-        tags["model.test_accuracy"] = str(checkpoint.info["test_accuracy"])
+    tags = {"stage": "published", **checkpoint.tags()}
     params = {"model.name": cfg.model.name, "cpu_workers": workers, **flatten(settings)}
     metrics = {f"{name}.{key}": value for name, numbers in results.items()
                for key, value in numbers.items() if math.isfinite(value)}

@@ -51,11 +51,8 @@ def _target(cfg: DictConfig, data, tracker: Tracker) -> Target:
             tags["skipped_images"] = ", ".join(data.skipped)[:5000]
         return Target(model.net, model.class_names, tags)
     checkpoint = checkpoint_for(cfg, data, tracker)
-    tags = {"checkpoint": str(checkpoint.path), "checkpoint_hash": checkpoint.hash or "user-supplied"}
-    for key in ("test_accuracy", "train_run_id"):
-        if key in checkpoint.info:
-            tags[f"model.{key}"] = str(checkpoint.info[key])
-    return Target(load_classifier(checkpoint.path), [str(c) for c in range(cfg.data.num_classes)], tags)
+    return Target(load_classifier(checkpoint.path), [str(c) for c in range(cfg.data.num_classes)],
+                  checkpoint.tags())
 
 
 def per_image_table(names: list[str], class_names: list[str], samples: dict[str, torch.Tensor]) -> dict:

@@ -30,6 +30,14 @@ class Checkpoint:
     hash: str               # "" for a checkpoint given by the user
     info: dict              # what training recorded next to it (test accuracy, run id, ...)
 
+    def tags(self) -> dict[str, str]:
+        """MLflow tags naming the checkpoint a run used, and what its training recorded."""
+        tags = {"checkpoint": str(self.path), "checkpoint_hash": self.hash or "user-supplied"}
+        for key in ("test_accuracy", "train_run_id"):
+            if key in self.info:
+                tags[f"model.{key}"] = str(self.info[key])
+        return tags
+
 
 def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
     """Everything that determines the weights: model, data (and its checksums), training, seed,

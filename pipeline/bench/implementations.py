@@ -275,17 +275,6 @@ def art_mifgsm(s: Setup) -> Run:
         batch_size=s.batch_size, verbose=False))
 
 
-def art_cw_l2(s: Setup) -> Run:
-    """ART's C&W L2, not in ATTACKS["cw_l2"] (see there); add it as Peer(art_cw_l2, exact=False)."""
-    from art.attacks.evasion import CarliniL2Method
-
-    p = s.params  # ART's own line search takes the place of Adam (halving/doubling: its defaults)
-    return _art(s, lambda c: CarliniL2Method(
-        c, confidence=p["confidence"], targeted=False, learning_rate=p["lr"],
-        binary_search_steps=p["binary_steps"], max_iter=p["steps"], initial_const=p["c_init"],
-        batch_size=s.batch_size, verbose=False))
-
-
 def art_deepfool(s: Setup) -> Run:
     from art.attacks.evasion import DeepFool
 
@@ -405,7 +394,7 @@ ATTACKS = {
             # not ART's CarliniL2Method (1.20.1): a numpy line search (up to 10 extra forward passes
             # a step) in place of Adam, and c doubled, not ×10, after a failure, so 5 values from
             # 0.01 stop at 0.16, under the c ≈ 0.3 most images need. At c_init 1e-3, lr 0.01 it ran
-            # 0.1 img/s (a busy 2-core VM) and fooled 0 of 50 images; `art_cw_l2` runs it
+            # 0.1 img/s (a busy 2-core VM) and fooled 0 of 50 images
         }),
     "deepfool": Attack(ours_deepfool, floor_passes=None, jacobian=True, params={
         "steps": 50, "overshoot": 0.02, "candidates": 10}, peers={
