@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui bench table1 published test lint clean
+.PHONY: help install data train attack sweep demo ui bench memory table1 published test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
 
 bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
 	$(RUN) python -m pipeline.bench $(BENCH)
+
+memory: data ## resident memory of each job of a 5-point FGSM sweep on 5000 images (flat = no leak)
+	$(RUN) python -m pipeline.bench.memory $(MEMORY)
 
 table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS, print ours beside the paper's
 	$(RUN) python -m pipeline experiment=szegedy_table1 -m

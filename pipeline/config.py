@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from numbers import Real
 from pathlib import Path
@@ -20,6 +22,11 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 TARGET_STRATEGIES = ("next", "random", "least_likely")
+
+# Keys that say how or where a job runs, not what it computes: left out of a job's config hash
+# (resume matching) and of a sweep's identity. cpu_workers changes no number (tested).
+RUN_CONTROL = ("resume", "fail_fast", "cpu_workers", "paths.", "tracking.", "trainer.enable_progress_bar",
+               "hydra.")
 
 
 def _number(name: str, value: Any) -> float:
@@ -42,7 +49,7 @@ def _eps(name: str, value: Any, norm: str = "linf") -> float:
 
 def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
+        raise ConfigError(f"{name}={value!r} must be a positive integer, e.g. {name}=100")
     if upper is not None and value > upper:
         raise ConfigError(f"{name}={value} is larger than the {upper} images available; "
                           f"pass {name}=1..{upper}")
@@ -69,7 +76,8 @@ def _attack_numbers(cfg: DictConfig) -> None:
         if key in ("eps", "target", "norm") or isinstance(value, bool) or not isinstance(value, Real):
             continue
         if math.isnan(value) or value < 0:
-            raise ConfigError(f"attack.{key}={value} must be a non-negative number")
+            raise ConfigError(f"attack.{key}={value} must be a non-negative number "
+                              f"(conf/attack/{cfg.attack.name}.yaml has its default)")
 
 
 def check_n_eval(n_eval: int | None, available: int | None) -> None:
@@ -95,6 +103,9 @@ def validate(cfg: DictConfig) -> None:
     check_n_eval(cfg.n_eval, cfg.data.get("test_size"))
     _positive_int("attack.batch_size", cfg.attack.batch_size)
     _attack_numbers(cfg)
+    for switch in ("resume", "fail_fast"):
+        if not isinstance(cfg.get(switch, False), bool):
+            raise ConfigError(f"{switch}={cfg[switch]!r} must be true or false")
     workers = cfg.cpu_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")
@@ -138,3 +149,23 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _is_run_control(key: str) -> bool:
+    return any(key == c or (c.endswith(".") and key.startswith(c)) for c in RUN_CONTROL)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """16 hex digits naming what a job computes: its resolved config without the run-control keys
+    (a sweep point rerun with the same hash gives the same numbers)."""
+    job = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+           else cfg[key] for key in cfg if key != "hydra"}  # a multirun's master config has it
+    values = {k: v for k, v in flatten(job).items() if not _is_run_control(k)}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sweep_key(overrides: list[str]) -> str:
+    """16 hex digits naming a sweep: its command-line overrides in any order, run-control ones left
+    out (so `resume=false` or another `paths.outputs` still name the same sweep)."""
+    kept = sorted(o for o in overrides if not _is_run_control(o.split("=", 1)[0].lstrip("+~")))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]

@@ -100,7 +100,8 @@ def load_classifier(checkpoint_path: str | Path) -> nn.Module:
     try:
         classifier = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); "
-                              "delete it and retrain with train.force=true") from error
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}); "
+                              "pass another checkpoint=, or retrain a cached one with train.force=true"
+                              ) from error
     return classifier.net.eval()

@@ -3,17 +3,21 @@ pretrained), attack, track."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
 
+import pytorch_lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.attack_step import AttackResult, run_attack
-from pipeline.config import build, check_n_eval, flatten, validate
+from pipeline.config import build, check_n_eval, config_hash, flatten, validate
+from pipeline.memory import memory_mb, reset_peak
 from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
 from pipeline.tracking import PARENT_ENV, Tracker
@@ -96,17 +100,42 @@ def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackRe
                            "eps_curve.png")
 
 
+def _done_before(cfg: DictConfig, tracker: Tracker, digest: str):
+    """In a resumed sweep, this point's FINISHED run under the parent, if there is one."""
+    parent = os.environ.get(PARENT_ENV)
+    if not (parent and cfg.resume):
+        return None
+    runs = tracker.find_runs(cfg.tracking.experiment, **{MLFLOW_PARENT_RUN_ID: parent, "config_hash": digest})
+    return next((r for r in runs if r.info.status == "FINISHED"), None)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Attack the classifier as `cfg` says; return the metrics of the last eps. Raises
-    PipelineError subclasses for bad input, before any MLflow run is opened.
+    PipelineError subclasses for bad input, before any MLflow run is opened. In a resumed sweep
+    a point that already has a FINISHED run is skipped (its metrics are returned).
 
     Besides the attack metrics the run gets where its time went: `seconds_setup` (data, model;
     training too when it happens), `seconds_attack_step` (the Lightning test loop: clean pass,
-    attack, evaluation) and `seconds_tracking` (MLflow and figures)."""
+    attack, evaluation) and `seconds_tracking` (MLflow and figures), and its memory: `rss_mb` at
+    the end and `peak_rss_mb` during the job."""
     start = time.perf_counter()
     validate(cfg)
-    data = build(cfg.data.module)
     tracker = Tracker.connect(cfg.tracking)
+    digest = config_hash(cfg)
+    done = _done_before(cfg, tracker, digest)
+    if done is not None:
+        print(f"{_run_name(cfg)}: already done in run {done.info.run_id}; skipped")
+        return dict(done.data.metrics)
+    try:
+        return _attack_and_log(cfg, tracker, digest, start)
+    finally:
+        gc.collect()  # models, data and figures of this job go before the next job of a sweep
+
+
+def _attack_and_log(cfg: DictConfig, tracker: Tracker, digest: str, start: float) -> dict[str, float]:
+    reset_peak()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # python, numpy, torch, loader workers
+    data = build(cfg.data.module)
     data.prepare_data()
     target = _target(cfg, data, tracker)
     check_n_eval(cfg.n_eval, data.test_size)
@@ -114,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     names = [data.names[i] for i in indices]
     opened = time.perf_counter()
 
-    tags = {"stage": "attack", **target.tags,
+    tags = {"stage": "attack", "config_hash": digest, **target.tags,
             **{f"data_sha256.{name}": sha for name, sha in data.checksums.items()}}
     with tracker.run(cfg.tracking.experiment, _run_name(cfg), flatten(cfg), tags,
                      parent_id=os.environ.get(PARENT_ENV)) as run_id:
@@ -128,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _log_result(tracker, run_id, cfg, result, target, names)
         tracker.log_metrics(run_id, {
             "seconds_setup": opened - start, "seconds_attack_step": attack_step,
-            "seconds_tracking": time.perf_counter() - opened - attack_step})
+            "seconds_tracking": time.perf_counter() - opened - attack_step, **memory_mb()})
 
     for eps, m in zip(result.eps, result.metrics, strict=True):
         print(f"{_label(cfg.attack.name, eps)}: clean acc {m['clean_accuracy']:.2%}, "

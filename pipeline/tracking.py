@@ -24,16 +24,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import matplotlib.pyplot as plt
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.errors import TrackingError, report
-from pipeline.viz import metric_curves
+from pipeline.errors import Stopped, TrackingError
 
 for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.store.db.db_types"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -42,7 +39,9 @@ PARENT_ENV = "ADVEX_PARENT_RUN_ID"  # set while a sweep's parent run is open; jo
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error[:500]
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
 
@@ -140,7 +139,9 @@ class Tracker:
             raise
         return run_id
 
-    def end_run(self, run_id: str, status: str = "FINISHED", error: BaseException | None = None) -> None:
+    def end_run(self, run_id: str, status: str = "FINISHED",
+                error: BaseException | str | None = None) -> None:
+        """Close a run; `error` (an exception or a sentence) becomes its `error` tag."""
         if error is None:
             self.client.set_terminated(run_id, status)
             return
@@ -152,11 +153,11 @@ class Tracker:
     @contextmanager
     def run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
             tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
-        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), never RUNNING."""
+        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING."""
         run_id = self.start_run(experiment, name, params, tags, parent_id)
         try:
             yield run_id
-        except KeyboardInterrupt as error:
+        except (KeyboardInterrupt, Stopped) as error:
             self.end_run(run_id, "KILLED", error)
             raise
         except BaseException as error:
@@ -195,133 +196,17 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def find_runs(self, experiment: str, **tags: str) -> list:
+        """Runs of `experiment` carrying all of `tags`, newest first."""
+        if self.client.get_experiment_by_name(experiment) is None:
+            return []
+        where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        return self.client.search_runs([self.experiment_id(experiment)], filter_string=where,
+                                       max_results=10_000, order_by=["attributes.start_time DESC"])
+
     def children(self, experiment: str, parent_id: str) -> list:
-        return self.client.search_runs(
-            [self.experiment_id(experiment)],
-            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-            max_results=10_000)
+        return self.find_runs(experiment, **{MLFLOW_PARENT_RUN_ID: parent_id})
 
-
-# ---------------------------------------------------------------- sweeps
-
-SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
-    "summary_success_accuracy.png": ("success_rate", "adv_accuracy"),
-    "summary_l2.png": ("l2_mean",),
-}
-
-
-def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None = None) -> list[str]:
-    """Keys a multirun sweeps over: ['eps'] for `attack=fgsm eps=0.05,0.1,0.2`, plus those of
-    `hydra.sweeper.params` (set by experiment configs) that the command line did not set."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    given = {o.key_or_group for o in parsed}
-    return keys + [key for key in (sweeper_params or {}) if key not in given]
-
-
-def _as_number(value: str | None) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def sweep_series(runs: list, swept: list[str], metrics: tuple[str, ...]) -> tuple[str, dict]:
-    """{metric: {line label: (xs, ys)}} against the first numeric swept key (else the first key),
-    one line per combination of the other swept values."""
-    def value(run, key):
-        return run.data.params.get(key, run.data.params.get(f"{key}.name"))
-
-    numeric = [k for k in swept if all(_as_number(value(r, k)) is not None for r in runs)]
-    x_key = (numeric or swept)[0]
-    others = [k for k in swept if k != x_key]
-    series: dict[str, dict] = {metric: {} for metric in metrics}
-    for run in sorted(runs, key=lambda r: _as_number(value(r, x_key)) or str(value(r, x_key))):
-        label = " ".join(f"{k}={value(run, k)}" for k in others)
-        x = _as_number(value(run, x_key)) if x_key in numeric else value(run, x_key)
-        for metric in metrics:
-            if metric in run.data.metrics:
-                xs, ys = series[metric].setdefault(label, ([], []))
-                xs.append(x)
-                ys.append(run.data.metrics[metric])
-    return x_key, series
-
-
-class Sweep:
-    """A multirun's parent run: created before the jobs, summarised and closed after them."""
-
-    open: list[Sweep] = []
-
-    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str],
-                 sweeper_params: Mapping[str, Any] | None = None) -> None:
-        self.tracker, self.experiment = tracker, experiment
-        self.swept = swept_keys(overrides, sweeper_params)
-        self.jobs = self.failed_jobs = 0
-        self.run_id = tracker.start_run(
-            experiment, "sweep " + " ".join(overrides),
-            params={"sweep.overrides": " ".join(overrides)},
-            tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep"})
-        os.environ[PARENT_ENV] = self.run_id
-        Sweep.open.append(self)
-
-    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
-        Sweep.open.remove(self)
-        os.environ.pop(PARENT_ENV, None)
-        try:
-            self._summarise()
-        finally:
-            failed = status == "FINISHED" and self.failed_jobs
-            self.tracker.end_run(self.run_id, "FAILED" if failed else status, error)
-
-    def _summarise(self) -> None:
-        runs = [r for r in self.tracker.children(self.experiment, self.run_id)
-                if r.info.status == "FINISHED"]
-        self.tracker.log_metrics(self.run_id, {"jobs": self.jobs, "jobs_failed": self.failed_jobs,
-                                               "children_finished": len(runs)})
-        if not runs or not self.swept:
-            return
-        drawn = {}
-        for artifact, metrics in SUMMARY_PLOTS.items():
-            x_key, series = sweep_series(runs, self.swept, metrics)
-            self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"),
-                                    artifact)
-            drawn.update({metric: {label or "all": {x_key: xs, metric: ys}
-                                   for label, (xs, ys) in lines.items()}
-                          for metric, lines in series.items()})
-        self.tracker.log_dict(self.run_id, drawn, "summary_series.json")  # the plotted lines
-        self.tracker.log_dict(self.run_id, [
-            {"run_id": r.info.run_id, "run_name": r.info.run_name,
-             "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}
-            for r in runs], "sweep_summary.json")
-
-
-def finish_open_sweeps(status: str, error: BaseException | None = None) -> None:
-    """Close every parent run still open (on an error that escaped the sweep)."""
-    for sweep in list(Sweep.open):
-        sweep.finish(status, error)
-
-
-class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml): one parent run per multirun, jobs become its children."""
-
-    def __init__(self) -> None:
-        self.sweep: Sweep | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            tracker = Tracker.connect(config.tracking)
-        except TrackingError as error:
-            # Hydra would turn an exception here into a warning and start every job anyway
-            report(str(error))
-            raise SystemExit(2) from error
-        self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task),
-                           config.hydra.sweeper.get("params"))
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if self.sweep is not None:
-            self.sweep.jobs += 1
-            self.sweep.failed_jobs += job_return.status.name == "FAILED"
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.sweep is not None and self.sweep in Sweep.open:
-            self.sweep.finish()
+    def reopen(self, run_id: str) -> None:
+        """Mark a finished run RUNNING again (a resumed sweep's parent)."""
+        self.client.update_run(run_id, status="RUNNING")

@@ -33,7 +33,7 @@ def test_attack_run_records_the_contract(mnist_root, store, tmp_path):
     assert metrics["forward_passes_per_image"] == 1 and metrics["backward_passes_per_image"] == 1
     (attack_run,) = _runs(store, "mnist")
     assert attack_run.info.status == "FINISHED"
-    timing = {"seconds_setup", "seconds_attack_step", "seconds_tracking"}
+    timing = {"seconds_setup", "seconds_attack_step", "seconds_tracking", "rss_mb", "peak_rss_mb"}
     assert set(attack_run.data.metrics) == set(METRIC_KEYS) | set(EXTRA_KEYS) | timing
     assert all(attack_run.data.metrics[key] > 0 for key in timing)
     assert attack_run.data.metrics["eps"] == 0.1

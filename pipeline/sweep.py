@@ -1,0 +1,233 @@
+"""A multirun's parent MLflow run: checked and created before the jobs, resumed when the same
+sweep is typed again, summarised and closed after the jobs.
+
+Jobs find the parent through the ADVEX_PARENT_RUN_ID environment variable and tag their runs
+with their config hash (`pipeline.config.config_hash`); a resumed sweep's job whose hash already
+has a FINISHED run under the parent is skipped (`pipeline.run`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.config import config_hash, sweep_key, validate
+from pipeline.errors import PipelineError, report, user_message
+from pipeline.tracking import PARENT_ENV, Tracker
+from pipeline.viz import metric_curves
+
+SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
+    "summary_success_accuracy.png": ("success_rate", "adv_accuracy"),
+    "summary_l2.png": ("l2_mean",),
+}
+STALE = "its process ended without closing the run (killed); the sweep was resumed"
+
+
+def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None = None) -> list[str]:
+    """Keys a multirun sweeps over: ['eps'] for `attack=fgsm eps=0.05,0.1,0.2`, plus those of
+    `hydra.sweeper.params` (set by experiment configs) that the command line did not set."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    given = {o.key_or_group for o in parsed}
+    return keys + [key for key in (sweeper_params or {}) if key not in given]
+
+
+def _as_number(value: str | None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def sweep_series(runs: list, swept: list[str], metrics: tuple[str, ...]) -> tuple[str, dict]:
+    """{metric: {line label: (xs, ys)}} against the first numeric swept key (else the first key),
+    one line per combination of the other swept values."""
+    def value(run, key):
+        return run.data.params.get(key, run.data.params.get(f"{key}.name"))
+
+    numeric = [k for k in swept if all(_as_number(value(r, k)) is not None for r in runs)]
+    x_key = (numeric or swept)[0]
+    others = [k for k in swept if k != x_key]
+    series: dict[str, dict] = {metric: {} for metric in metrics}
+    for run in sorted(runs, key=lambda r: _as_number(value(r, x_key)) or str(value(r, x_key))):
+        label = " ".join(f"{k}={value(run, k)}" for k in others)
+        x = _as_number(value(run, x_key)) if x_key in numeric else value(run, x_key)
+        for metric in metrics:
+            if metric in run.data.metrics:
+                xs, ys = series[metric].setdefault(label, ([], []))
+                xs.append(x)
+                ys.append(run.data.metrics[metric])
+    return x_key, series
+
+
+def planned_jobs(config: DictConfig) -> list[DictConfig] | None:
+    """The composed config of every point of a multirun, as Hydra's basic sweeper will make them
+    (None under another sweeper, whose points are not known in advance)."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+        params + list(config.hydra.overrides.task))
+    (points,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [loader.load_sweep_config(config, point) for point in points]
+
+
+def preflight(jobs: list[DictConfig]) -> None:
+    """Check every point's values before the first job starts: a typo in the last value of a
+    sweep should not wait for the others to finish."""
+    for number, job in enumerate(jobs, 1):
+        try:
+            validate(job)
+        except PipelineError as error:
+            raise type(error)(f"{error} (sweep point {number} of {len(jobs)}; no job was started)") \
+                from error
+
+
+def _alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process that opened a parent run still runs (on this machine)."""
+    if tags.get("sweep.host") != socket.gethostname() or not tags.get("sweep.pid", "").isdigit():
+        return False
+    pid = int(tags["sweep.pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Sweep:
+    """A multirun's parent run. With `resume`, the newest parent of the same sweep (same
+    overrides, run-control ones aside) is reopened instead of a new one."""
+
+    open: list[Sweep] = []
+
+    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str],
+                 sweeper_params: Mapping[str, Any] | None = None, *, resume: bool = False,
+                 planned: list[str] | None = None) -> None:
+        self.tracker, self.experiment = tracker, experiment
+        self.swept = swept_keys(overrides, sweeper_params)
+        self.jobs = self.failed_jobs = self.skipped = 0
+        key = sweep_key(overrides)
+        earlier = tracker.find_runs(experiment, **{"sweep.key": key, "stage": "sweep"}) if resume else []
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+            self._resume(earlier[0], planned)
+        else:
+            self.run_id = tracker.start_run(
+                experiment, "sweep " + " ".join(overrides),
+                params={"sweep.overrides": " ".join(overrides)},
+                tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep", "sweep.key": key})
+        tracker.set_tags(self.run_id, {"sweep.host": socket.gethostname(), "sweep.pid": str(os.getpid())})
+        os.environ[PARENT_ENV] = self.run_id
+        Sweep.open.append(self)
+
+    def _resume(self, parent, planned: list[str] | None) -> None:
+        if parent.info.status == "RUNNING" and _alive(parent.data.tags):
+            pid = parent.data.tags["sweep.pid"]
+            raise PipelineError(
+                f"this sweep (run {self.run_id}) is still running in process {pid}; "
+                "wait for it, stop it, or pass resume=false to start a separate sweep")
+        children = self.tracker.children(self.experiment, self.run_id)
+        for child in children:
+            if child.info.status == "RUNNING":  # its process is gone: it was killed
+                self.tracker.end_run(child.info.run_id, "KILLED", STALE)
+        done = {c.data.tags.get("config_hash") for c in children if c.info.status == "FINISHED"}
+        self.tracker.reopen(self.run_id)
+        if planned is None:
+            self.skipped = len(done)
+            print(f"resuming sweep {self.run_id}: points with a finished run ({len(done)}) are skipped "
+                  "(resume=false starts afresh)")
+        else:
+            self.skipped = sum(digest in done for digest in planned)
+            print(f"resuming sweep {self.run_id}: {self.skipped} of {len(planned)} points already done "
+                  "(resume=false starts afresh)")
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        Sweep.open.remove(self)
+        os.environ.pop(PARENT_ENV, None)
+        try:
+            self._summarise()
+        finally:
+            failed = status == "FINISHED" and self.failed_jobs
+            self.tracker.end_run(self.run_id, "FAILED" if failed else status, error)
+
+    def _summarise(self) -> None:
+        runs = [r for r in self.tracker.children(self.experiment, self.run_id)
+                if r.info.status == "FINISHED"]
+        self.tracker.log_metrics(self.run_id, {
+            "jobs": self.jobs, "jobs_failed": self.failed_jobs, "jobs_skipped": self.skipped,
+            "children_finished": len(runs)})
+        if not runs or not self.swept:
+            return
+        drawn = {}
+        for artifact, metrics in SUMMARY_PLOTS.items():
+            x_key, series = sweep_series(runs, self.swept, metrics)
+            self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"),
+                                    artifact)
+            drawn.update({metric: {label or "all": {x_key: xs, metric: ys}
+                                   for label, (xs, ys) in lines.items()}
+                          for metric, lines in series.items()})
+        self.tracker.log_dict(self.run_id, drawn, "summary_series.json")  # the plotted lines
+        self.tracker.log_dict(self.run_id, [
+            {"run_id": r.info.run_id, "run_name": r.info.run_name,
+             "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}
+            for r in runs], "sweep_summary.json")
+
+
+def finish_open_sweeps(status: str, error: BaseException | None = None,
+                       job_failed: bool = False) -> None:
+    """Close every parent run still open (on an error that escaped the sweep; `job_failed`: it
+    escaped from a job, which Hydra then did not count)."""
+    for sweep in list(Sweep.open):
+        sweep.jobs += job_failed
+        sweep.failed_jobs += job_failed
+        sweep.finish(status, error)
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml): one parent run per multirun, jobs become its children."""
+
+    def __init__(self) -> None:
+        self.sweep: Sweep | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            tracker = Tracker.connect(config.tracking)
+            jobs = planned_jobs(config)
+            if jobs is not None:
+                preflight(jobs)
+            self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task),
+                               config.hydra.sweeper.get("params"), resume=config.resume,
+                               planned=None if jobs is None else [config_hash(job) for job in jobs])
+        except Exception as error:
+            # Hydra would turn an exception here into a warning and start every job anyway
+            message = user_message(error)
+            if message is None:
+                traceback.print_exc()
+            else:
+                report(message)
+            raise SystemExit(2 if message else 1) from error
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.jobs += 1
+            self.sweep.failed_jobs += job_return.status.name == "FAILED"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep is not None and self.sweep in Sweep.open:
+            self.sweep.finish()

