@@ -75,6 +75,9 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, OSError) and error.errno in _DISK_ERRORS and error.filename:
         return (f"cannot write {error.filename} ({error.strerror}); free some disk space or "
                 "pass a writable folder as paths.outputs=DIR")
+    if isinstance(error, ValueError) and str(error).startswith("Only one of --run, --multirun"):
+        return (f"{error} (Hydra's command line); e.g. drop -m to print the config with --cfg job, "
+                "or drop --cfg to run the sweep")
     if isinstance(error, MissingConfigException) and error.options:
         group, _, name = (error.missing_cfg_file or "").rpartition("/")
         options = sorted(error.options)

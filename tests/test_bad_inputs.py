@@ -81,6 +81,9 @@ BAD_INPUTS = {
         [], None, r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely"),
     "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
     "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
+    "eps=0.1,0.2 --cfg job -m": (
+        ["--cfg", "job"], None, r"Only one of --run, --multirun, --cfg, .* \(Hydra's command line\); "
+                                r"e\.g\. drop -m"),
     "checkpoint=/no/such/model.ckpt": ([], None, r"checkpoint /no/such/model.ckpt does not exist; pass an "),
     "checkpoint=broken.ckpt": ([], _broken_checkpoint, r"checkpoint .*broken.ckpt cannot be read \(.*\); "
                                                        r"pass another checkpoint="),
