@@ -38,6 +38,14 @@ def szegedy_distortion(delta: torch.Tensor) -> torch.Tensor:
     return l2(delta) / delta[0].numel() ** 0.5
 
 
+def _prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class (argmax of the logits, as the attacks decide success) and its softmax
+    probability. (The argmax of the softmax can differ: float32 rounds logits within ~1e-7 of
+    each other to equal probabilities.)"""
+    pred = logits.argmax(1)
+    return pred, logits.softmax(1).gather(1, pred[:, None]).squeeze(1)
+
+
 def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                clean_logits: torch.Tensor, adv_logits: torch.Tensor,
                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -47,8 +55,8 @@ def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
     adversarial is misclassified; targeted, it is classified as `target`.
     """
     delta = (x_adv - x).detach()
-    clean_conf, clean_pred = clean_logits.softmax(1).max(1)
-    adv_conf, adv_pred = adv_logits.softmax(1).max(1)
+    clean_pred, clean_conf = _prediction(clean_logits)
+    adv_pred, adv_conf = _prediction(adv_logits)
     clean_correct = clean_pred == y
     fooled = adv_pred == target if target is not None else adv_pred != y
     top5 = adv_logits.topk(min(5, adv_logits.shape[1]), dim=1).indices  # (B, 5)
@@ -106,7 +114,8 @@ def robustness_curve(samples: dict[str, torch.Tensor], points: int = 50
                      ) -> tuple[list[float], list[float]]:
     """Accuracy against an L2 budget, from one minimal-perturbation run without re-running: at
     radius r an image counts as correct if it is correct when clean and the attack found no
-    adversarial within r. Radii from 0 to the largest successful L2, `points` of them."""
+    adversarial within r. Radii from 0 to the largest successful L2, `points` of them (the one
+    radius 0 when no adversarial has a positive L2)."""
     found = samples["l2"][samples["success"]]
     top = found.max().item() if len(found) else 0.0
     radii = torch.linspace(0.0, top, points) if top > 0 else torch.zeros(1)
