@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui bench memory table1 published test lint clean
+.PHONY: help install data train attack sweep demo ui server bench memory table1 published test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
 ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
 
+server: install ## a shared MLflow server: sqlite store + served artifacts in outputs/server/, http://127.0.0.1:5000
+	$(RUN) python -m pipeline.server $(SERVER)
+
 bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
 	$(RUN) python -m pipeline.bench $(BENCH)
 
@@ -64,5 +67,5 @@ test: data ## the whole test suite
 lint: install ## ruff over the code and tests
 	$(RUN) ruff check pipeline tests
 
-clean: ## delete runs, sweeps, checkpoints and the MLflow store (keeps outputs/data and .venv)
+clean: ## delete runs, sweeps, checkpoints and the local MLflow store (keeps outputs/data, outputs/server, .venv)
 	rm -rf outputs/runs outputs/sweeps outputs/checkpoints outputs/mlartifacts outputs/mlflow.db
