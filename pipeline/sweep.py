@@ -30,6 +30,7 @@ SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
     "summary_l2.png": ("l2_mean",),
 }
 STALE = "its process ended without closing the run (killed); the sweep was resumed"
+JOB_TAG = "job."  # job.<number> on the parent: COMPLETED or FAILED: <error>, written by each job
 
 
 def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None = None) -> list[str]:
@@ -142,6 +143,9 @@ class Sweep:
             raise PipelineError(
                 f"this sweep (run {self.run_id}) is still running in process {pid}; "
                 "wait for it, stop it, or pass resume=false to start a separate sweep")
+        for key in parent.data.tags:  # the outcomes of the earlier attempt's jobs
+            if key.startswith(JOB_TAG):
+                self.tracker.client.delete_tag(self.run_id, key)
         children = self.tracker.children(self.experiment, self.run_id)
         for child in children:
             if child.info.status == "RUNNING":  # its process is gone: it was killed
@@ -158,6 +162,7 @@ class Sweep:
                   "(resume=false starts afresh)")
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        """Count the jobs' outcomes (tags the jobs wrote, wherever they ran), plot, close."""
         Sweep.open.remove(self)
         os.environ.pop(PARENT_ENV, None)
         try:
@@ -167,6 +172,10 @@ class Sweep:
             self.tracker.end_run(self.run_id, "FAILED" if failed else status, error)
 
     def _summarise(self) -> None:
+        outcomes = [value for key, value in self.tracker.client.get_run(self.run_id).data.tags.items()
+                    if key.startswith(JOB_TAG)]
+        self.jobs += len(outcomes)
+        self.failed_jobs += sum(value.startswith("FAILED") for value in outcomes)
         runs = [r for r in self.tracker.children(self.experiment, self.run_id)
                 if r.info.status == "FINISHED"]
         self.tracker.log_metrics(self.run_id, {
@@ -205,6 +214,9 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.sweep: Sweep | None = None
 
+    def __getstate__(self) -> dict:  # a launcher ships callbacks to its workers: not the open sweep
+        return {"sweep": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             tracker = Tracker.connect(config.tracking)
@@ -224,9 +236,16 @@ class SweepCallback(Callback):
             raise SystemExit(2 if message else 1) from error
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if self.sweep is not None:
-            self.sweep.jobs += 1
-            self.sweep.failed_jobs += job_return.status.name == "FAILED"
+        """Record the job's outcome on the parent run. This runs where the job ran (a launcher's
+        worker process, too), so it goes through the store, not through this object."""
+        parent = os.environ.get(PARENT_ENV)
+        if parent is None:
+            return
+        outcome = job_return.status.name
+        if outcome == "FAILED":
+            error = getattr(job_return, "_return_value", None)
+            outcome += f": {user_message(error) or repr(error)}"[:400] if error is not None else ""
+        Tracker(config.tracking.uri).set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep is not None and self.sweep in Sweep.open:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as L
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
@@ -72,8 +73,12 @@ def checkpoint_for(cfg: DictConfig, data: MNISTData, tracker: Tracker) -> Checkp
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file() and not cfg.train.force:
         return Checkpoint(path, digest, json.loads(sidecar.read_text()))
-    info = train(cfg, data, tracker, config, digest, path)
-    sidecar.write_text(json.dumps(info, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):  # parallel jobs of a sweep: one trains, the others wait
+        if path.is_file() and sidecar.is_file() and not cfg.train.force:  # trained meanwhile
+            return Checkpoint(path, digest, json.loads(sidecar.read_text()))
+        info = train(cfg, data, tracker, config, digest, path)
+        sidecar.write_text(json.dumps(info, indent=2))
     return Checkpoint(path, digest, info)
 
 
