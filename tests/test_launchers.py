@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, all_runs, small_overrides
+from tests.conftest import PROJECT_ROOT, all_runs, make_config, small_overrides
 from tests.test_cli import sweep_children
 
 
@@ -44,3 +44,29 @@ def test_submitit_local_jobs_attach_to_the_parent(mnist_root, store, tmp_path):
     (parent,), children = sweep_children(store)
     assert parent.info.status == "FINISHED" and parent.data.metrics["jobs"] == 2
     assert sorted(k.data.params["eps"] for k in children[parent.info.run_id]) == ["0.1", "0.2"]
+
+
+def test_slurm_preset_renders_the_sbatch_fields_users_set(tmp_path, monkeypatch):
+    """hydra/launcher=slurm through submitit's own SLURM executor, as the plugin drives it, up to
+    the sbatch script (a stand-in `srun` on PATH: submitit looks for one before anything else)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    cfg = make_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.mem_gb=64"],
+                      hydra=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "jobs",
+                                     slurm_max_num_timeout=launcher["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{key if key in base else f"slurm_{key}": value
+                                  for key, value in launcher.items()
+                                  if key not in ("_target_", "submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python -m pipeline", "0")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --mem=64GB",
+                 "#SBATCH --time=240", "#SBATCH --cpus-per-task=8"):
+        assert line in script, line
