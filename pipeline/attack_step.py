@@ -85,6 +85,7 @@ class AttackStep(L.LightningModule):
         self.passes = PassCounter(self.classifier)
         self.register_buffer("offsets", offsets, persistent=False)
         self.attack_seconds = 0.0
+        self.n_attacked = 0  # images through the attack (DDP's padding attacks a few twice)
         self.samples = [defaultdict(list) for _ in self.eps]   # per eps: key → [(B,), ...]
         self.examples = [defaultdict(list) for _ in self.eps]  # per eps: key → [(b, ...), ...]
         self.n_kept = 0
@@ -131,6 +132,7 @@ class AttackStep(L.LightningModule):
         self.passes.counting = False
         sync(x.device)
         self.attack_seconds += time.perf_counter() - start
+        self.n_attacked += len(x)
         info = {key[5:]: value for key, value in generated.items() if key.startswith("info.")}
         self.info_keys.update(info)
 
@@ -138,7 +140,7 @@ class AttackStep(L.LightningModule):
         for k in range(len(self.eps)):
             x_adv = generated[f"adv{k}"]
             outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info,
-                       "y": y, **({} if target is None else {"target": target})}
+                       "y": y, "position": position, **({} if target is None else {"target": target})}
             for key, value in outcome.items():
                 self.samples[k][key].append(value.cpu())
             if keep > 0:
@@ -147,10 +149,28 @@ class AttackStep(L.LightningModule):
                     self.examples[k][key].append(value[:keep].detach().cpu())
         self.n_kept += max(keep, 0)
 
+    def on_test_epoch_end(self) -> None:
+        """Under DDP each rank attacked its share of the images: gather everything on every rank
+        (the attack time is the slowest rank's, passes add up)."""
+        if self.trainer.world_size == 1:
+            return
+        mine = (self.samples, self.examples, self.attack_seconds, self.passes.forward,
+                self.passes.backward, self.info_keys, self.n_attacked)
+        ranks: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+        for k in range(len(self.eps)):
+            for which, index in ((self.samples, 0), (self.examples, 1)):
+                which[k] = defaultdict(list, {key: [part for rank in ranks for part in rank[index][k][key]]
+                                              for key in ranks[0][index][k]})
+        self.attack_seconds = max(rank[2] for rank in ranks)
+        self.passes.forward, self.passes.backward = (sum(rank[i] for rank in ranks) for i in (3, 4))
+        self.info_keys = set().union(*(rank[5] for rank in ranks))
+        self.n_attacked = sum(rank[6] for rank in ranks)
+
     def result(self) -> AttackResult:
         metrics, examples, outcomes = [], [], []
         for eps, samples, shown in zip(self.eps, self.samples, self.examples, strict=True):
-            everything = {key: torch.cat(parts) for key, parts in samples.items()}
+            everything = _by_position({key: torch.cat(parts) for key, parts in samples.items()})
             outcomes.append(everything)
             summary = summarize(everything)
             n_images = len(everything["success"])
@@ -160,14 +180,24 @@ class AttackStep(L.LightningModule):
                 summary.update(min_norm_summary(everything))
             summary.update(attack_seconds=self.attack_seconds,
                            images_per_second=n_images / self.attack_seconds,
-                           forward_passes_per_image=self.passes.forward / n_images,
-                           backward_passes_per_image=self.passes.backward / n_images)
+                           forward_passes_per_image=self.passes.forward / self.n_attacked,
+                           backward_passes_per_image=self.passes.backward / self.n_attacked)
             for key in self.info_keys:
                 summary[f"{key}_median"] = everything[key].float().nanmedian().item()  # NaN: none
             metrics.append(summary)
-            examples.append({key: torch.cat(parts) for key, parts in shown.items()})
+            shown = _by_position({key: torch.cat(parts) for key, parts in shown.items()})
+            examples.append({key: value[:self.n_examples] for key, value in shown.items()})
         return AttackResult(self.eps, metrics, examples, outcomes,
                             self.split.workers if self.split else 1)
+
+
+def _by_position(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every image once, in eval-subset order (DDP's sampler pads ranks with repeated images)."""
+    position = outcomes["position"]
+    order = position.argsort(stable=True)
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = position[order][1:] != position[order][:-1]
+    return {key: value[order[first]] for key, value in outcomes.items()}
 
 
 def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> AttackResult:

@@ -86,6 +86,16 @@ def check_n_eval(n_eval: int | None, available: int | None) -> None:
         _positive_int("n_eval", n_eval, upper=available)
 
 
+def check_devices(cfg: DictConfig, multirun: bool) -> None:
+    """A multi-device attack step re-runs the command line for its other ranks, which a multirun
+    cannot share: one device per job there."""
+    devices = cfg.trainer.devices
+    many = devices > 1 if isinstance(devices, int) else not isinstance(devices, str) and len(devices) > 1
+    if many and multirun:
+        raise ConfigError(f"trainer.devices={devices} works for a single run, not inside a multirun; "
+                          "run each point as its own command, or give each job one device")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError with a one-line fix for any value the pipeline cannot run with (n_eval
     against a photo folder's size is checked once the photos are read)."""

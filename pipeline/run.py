@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import pytorch_lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.attack_step import AttackResult, run_attack
-from pipeline.config import build, check_n_eval, config_hash, flatten, validate
+from pipeline.config import build, check_devices, check_n_eval, config_hash, flatten, validate
 from pipeline.memory import memory_mb, reset_peak
 from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
@@ -109,6 +110,22 @@ def _done_before(cfg: DictConfig, tracker: Tracker, digest: str):
     return next((r for r in runs if r.info.status == "FINISHED"), None)
 
 
+def _rank() -> int:
+    """This process's rank in a multi-device attack step (0 when there is none)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _attack_share(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
+    cfg = cfg.copy()
+    cfg.train.force = False  # rank 0 has just (re)trained it
+    data = build(cfg.data.module)
+    data.prepare_data()
+    target = _target(cfg, data, tracker)
+    _, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    run_attack(cfg, target.net, eval_set)
+    return {}
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Attack the classifier as `cfg` says; return the metrics of the last eps. Raises
     PipelineError subclasses for bad input, before any MLflow run is opened. In a resumed sweep
@@ -120,7 +137,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     the end and `peak_rss_mb` during the job."""
     start = time.perf_counter()
     validate(cfg)
+    check_devices(cfg, HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
     tracker = Tracker.connect(cfg.tracking)
+    if _rank() > 0:  # a DDP worker Lightning started: attack its share, rank 0 tracks
+        return _attack_share(cfg, tracker)
     digest = config_hash(cfg)
     done = _done_before(cfg, tracker, digest)
     if done is not None:

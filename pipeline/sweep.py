@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline.config import config_hash, sweep_key, validate
+from pipeline.config import check_devices, config_hash, sweep_key, validate
 from pipeline.errors import PipelineError, report, user_message
 from pipeline.tracking import PARENT_ENV, Tracker
 from pipeline.viz import metric_curves
@@ -90,6 +90,7 @@ def preflight(jobs: list[DictConfig]) -> None:
     for number, job in enumerate(jobs, 1):
         try:
             validate(job)
+            check_devices(job, multirun=True)
         except PipelineError as error:
             raise type(error)(f"{error} (sweep point {number} of {len(jobs)}; no job was started)") \
                 from error

@@ -95,7 +95,8 @@ def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, dige
                      tags) as run_id:
         logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracker.uri, run_id=run_id)
         trainer = lightning_trainer(cfg, logger=logger, max_epochs=cfg.train.epochs,
-                                    log_every_n_steps=cfg.train.log_every_n_steps)
+                                    log_every_n_steps=cfg.train.log_every_n_steps,
+                                    devices=1, strategy="auto")  # weights independent of devices
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start

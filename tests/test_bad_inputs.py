@@ -81,6 +81,8 @@ BAD_INPUTS = {
         [], None, r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely"),
     "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
     "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
+    "eps=0.1,0.2 trainer.devices=2 trainer.strategy=ddp -m": (
+        [], None, r"trainer.devices=2 works for a single run, not inside a multirun; .*\(sweep point 1 of 2"),
     "eps=0.1,0.2 --cfg job -m": (
         ["--cfg", "job"], None, r"Only one of --run, --multirun, --cfg, .* \(Hydra's command line\); "
                                 r"e\.g\. drop -m"),
