@@ -21,6 +21,11 @@ from pipeline.sweep import finish_open_sweeps
 T = TypeVar("T")
 
 
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (`-m`)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def exit_on_user_error(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     """Wrap a Hydra task: in a single run a PipelineError ends the process with its one line.
 
@@ -33,7 +38,7 @@ def exit_on_user_error(task: Callable[[DictConfig], T]) -> Callable[[DictConfig]
         try:
             return task(cfg)
         except Exception as error:
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if in_multirun():
                 if cfg.get("fail_fast"):
                     raise StopSweep(error) from error
                 raise

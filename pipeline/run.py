@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import pytorch_lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.attack_step import AttackResult, run_attack
+from pipeline.cli import in_multirun
 from pipeline.config import build, check_devices, check_n_eval, config_hash, flatten, validate
 from pipeline.memory import memory_mb, reset_peak
 from pipeline.metrics import robustness_curve
@@ -115,13 +115,22 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-def _attack_share(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
-    cfg = cfg.copy()
-    cfg.train.force = False  # rank 0 has just (re)trained it
+def _inputs(cfg: DictConfig, tracker: Tracker):
+    """Seeded (python, numpy, torch, loader workers): the data, the classifier under attack, and
+    the eval subset (test-set indices and dataset)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build(cfg.data.module)
     data.prepare_data()
     target = _target(cfg, data, tracker)
-    _, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    check_n_eval(cfg.n_eval, data.test_size)
+    indices, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    return data, target, indices, eval_set
+
+
+def _attack_share(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
+    cfg = cfg.copy()
+    cfg.train.force = False  # rank 0 has just (re)trained it
+    _, target, _, eval_set = _inputs(cfg, tracker)
     run_attack(cfg, target.net, eval_set)
     return {}
 
@@ -137,7 +146,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     the end and `peak_rss_mb` during the job."""
     start = time.perf_counter()
     validate(cfg)
-    check_devices(cfg, HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    check_devices(cfg, in_multirun())
     tracker = Tracker.connect(cfg.tracking)
     if _rank() > 0:  # a DDP worker Lightning started: attack its share, rank 0 tracks
         return _attack_share(cfg, tracker)
@@ -154,12 +163,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def _attack_and_log(cfg: DictConfig, tracker: Tracker, digest: str, start: float) -> dict[str, float]:
     reset_peak()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # python, numpy, torch, loader workers
-    data = build(cfg.data.module)
-    data.prepare_data()
-    target = _target(cfg, data, tracker)
-    check_n_eval(cfg.n_eval, data.test_size)
-    indices, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
+    data, target, indices, eval_set = _inputs(cfg, tracker)
     names = [data.names[i] for i in indices]
     opened = time.perf_counter()
 
