@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data train attack sweep demo ui server bench memory launchers table1 published test lint clean
+.PHONY: help install data browser train attack sweep demo ui server bench memory launchers table1 published test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,10 +40,11 @@ demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
 	@echo
 	@echo "Done. Results are in the MLflow store $(TRACKING_URI)"
 	@echo "(experiment 'mnist': one 'sweep …' parent run, a child run per eps)."
-	@echo "Browse and compare them with: make ui   (http://127.0.0.1:5000)"
+	@echo "Compare them: start the UI with 'make ui', then open the sweep's link:"
+	@$(RUN) python -m pipeline.ui --store $(TRACKING_URI) --links | tail -n 1
 
-ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store
-	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
+ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store; prints each experiment's link
+	$(RUN) python -m pipeline.ui --store $(TRACKING_URI) --host 127.0.0.1 --port 5000
 
 server: install ## a shared MLflow server: sqlite store + served artifacts in outputs/server/, http://127.0.0.1:5000
 	$(RUN) python -m pipeline.server $(SERVER)
@@ -64,7 +65,12 @@ table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS,
 published: data ## C&W 2017 Table IV and DeepFool's rho_adv on the default CNN, ours beside the papers' → outputs/published/
 	$(RUN) python -m pipeline.published $(PUBLISHED)
 
-test: data ## the whole test suite
+browser: ## Chromium for the MLflow UI test (Debian's package, installed as root when missing)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "error: the UI test needs Chromium: run 'apt-get install -y chromium' as root" >&2; exit 1; }
+
+test: data browser ## the whole test suite (the UI test drives Chromium: `make browser`)
 	$(RUN) pytest
 
 lint: install ## ruff over the code and tests

@@ -15,13 +15,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipeline import ui
 from pipeline.attack_step import AttackResult, run_attack
 from pipeline.cli import in_multirun
 from pipeline.config import build, check_devices, check_n_eval, config_hash, flatten, validate
 from pipeline.memory import memory_mb, reset_peak
 from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
-from pipeline.tracking import PARENT_ENV, Tracker
+from pipeline.tracking import PARENT_ENV, SWEPT_ENV, Tracker
 from pipeline.train import checkpoint_for
 from pipeline.viz import example_grid, metric_curves, min_norm_figure
 
@@ -43,7 +44,12 @@ def _label(name: str, eps: float | None) -> str:
 
 
 def _run_name(cfg: DictConfig) -> str:
-    return " ".join(_overrides()) or _label(cfg.attack.name, cfg.attack.get("eps"))
+    """The job's overrides; in a sweep only the swept ones (`eps=0.1`), which tell its runs apart
+    in the MLflow UI (the parent run is named by the whole command)."""
+    overrides = _overrides()
+    swept = os.environ.get(SWEPT_ENV, "").split(",")
+    named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    return " ".join(named or overrides) or _label(cfg.attack.name, cfg.attack.get("eps"))
 
 
 def _target(cfg: DictConfig, data, tracker: Tracker) -> Target:
@@ -84,7 +90,7 @@ def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackRe
         title = f"{_label(cfg.attack.name, eps)} on {cfg.model.name}"
         grid = example_grid(examples, title, class_names=target.class_names,
                             label_word="ref" if target.tags.get("labels", "").startswith("model") else "true")
-        tracker.log_figure(run_id, grid, f"examples{suffix}.png")
+        tracker.log_figure(run_id, grid, f"examples{suffix}.png", image_key=ui.IMAGE_KEY, step=step)
         tracker.log_table(run_id, per_image_table(names, target.class_names, samples),
                           f"per_image{suffix}.json")
         if eps is None:  # a minimal-perturbation attack: the norms it found and what they imply
@@ -187,5 +193,5 @@ def _attack_and_log(cfg: DictConfig, tracker: Tracker, digest: str, start: float
         print(f"{_label(cfg.attack.name, eps)}: clean acc {m['clean_accuracy']:.2%}, "
               f"adv acc {m['adv_accuracy']:.2%}, success {m['success_rate']:.2%}, "
               f"L2 {m['l2_mean']:.3f}, {m['images_per_second']:,.0f} img/s")
-    print(f"MLflow run {run_id} in {tracker.uri} (see it with `make ui`)")
+    print(f"MLflow run {run_id} in {tracker.uri}: {tracker.run_url(run_id)}")
     return result.metrics[-1]

@@ -20,9 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline import ui
 from pipeline.config import check_devices, config_hash, sweep_key, validate
 from pipeline.errors import PipelineError, report, user_message
-from pipeline.tracking import PARENT_ENV, Tracker
+from pipeline.tracking import PARENT_ENV, SWEPT_ENV, Tracker
 from pipeline.viz import metric_curves
 
 SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
@@ -49,22 +50,37 @@ def _as_number(value: str | None) -> float | None:
         return None
 
 
+def param(run, key: str) -> str | None:
+    """A run's value of a swept key: its param, or `<group>.name` for a config group (attack=...)."""
+    return run.data.params.get(key, run.data.params.get(f"{key}.name"))
+
+
+def param_name(run, key: str) -> str:
+    return key if key in run.data.params else f"{key}.name"
+
+
+def x_axis(runs: list, swept: list[str]) -> tuple[str, bool]:
+    """The key the sweep's results are drawn against: the first swept key whose values are all
+    numbers (else the first key), and whether it is numeric."""
+    numeric = [k for k in swept if all(_as_number(param(r, k)) is not None for r in runs)]
+    return (numeric or swept)[0], bool(numeric)
+
+
+def series_label(run, swept: list[str], x_key: str) -> str:
+    """The line a run belongs to: the values of the swept keys other than x ("" if none)."""
+    return " ".join(f"{k}={param(run, k)}" for k in swept if k != x_key)
+
+
 def sweep_series(runs: list, swept: list[str], metrics: tuple[str, ...]) -> tuple[str, dict]:
     """{metric: {line label: (xs, ys)}} against the first numeric swept key (else the first key),
     one line per combination of the other swept values."""
-    def value(run, key):
-        return run.data.params.get(key, run.data.params.get(f"{key}.name"))
-
-    numeric = [k for k in swept if all(_as_number(value(r, k)) is not None for r in runs)]
-    x_key = (numeric or swept)[0]
-    others = [k for k in swept if k != x_key]
+    x_key, numeric = x_axis(runs, swept)
     series: dict[str, dict] = {metric: {} for metric in metrics}
-    for run in sorted(runs, key=lambda r: _as_number(value(r, x_key)) or str(value(r, x_key))):
-        label = " ".join(f"{k}={value(run, k)}" for k in others)
-        x = _as_number(value(run, x_key)) if x_key in numeric else value(run, x_key)
+    for run in sorted(runs, key=lambda r: _as_number(param(r, x_key)) or str(param(r, x_key))):
+        x = _as_number(param(run, x_key)) if numeric else param(run, x_key)
         for metric in metrics:
             if metric in run.data.metrics:
-                xs, ys = series[metric].setdefault(label, ([], []))
+                xs, ys = series[metric].setdefault(series_label(run, swept, x_key), ([], []))
                 xs.append(x)
                 ys.append(run.data.metrics[metric])
     return x_key, series
@@ -124,6 +140,8 @@ class Sweep:
         self.tracker, self.experiment = tracker, experiment
         self.swept = swept_keys(overrides, sweeper_params)
         self.jobs = self.failed_jobs = self.skipped = 0
+        self.name = "sweep " + " ".join(overrides)
+        self.view_url: str | None = None
         key = sweep_key(overrides)
         earlier = tracker.find_runs(experiment, **{"sweep.key": key, "stage": "sweep"}) if resume else []
         if earlier:
@@ -131,11 +149,12 @@ class Sweep:
             self._resume(earlier[0], planned)
         else:
             self.run_id = tracker.start_run(
-                experiment, "sweep " + " ".join(overrides),
+                experiment, self.name,
                 params={"sweep.overrides": " ".join(overrides)},
                 tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep", "sweep.key": key})
         tracker.set_tags(self.run_id, {"sweep.host": socket.gethostname(), "sweep.pid": str(os.getpid())})
         os.environ[PARENT_ENV] = self.run_id
+        os.environ[SWEPT_ENV] = ",".join(self.swept)
         Sweep.open.append(self)
 
     def _resume(self, parent, planned: list[str] | None) -> None:
@@ -166,11 +185,15 @@ class Sweep:
         """Count the jobs' outcomes (tags the jobs wrote, wherever they ran), plot, close."""
         Sweep.open.remove(self)
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         try:
             self._summarise()
         finally:
             failed = status == "FINISHED" and self.failed_jobs
             self.tracker.end_run(self.run_id, "FAILED" if failed else status, error)
+        if self.view_url:
+            hint = " (start it with `make ui`)" if self.tracker.ui == ui.LOCAL_UI else ""
+            print(f"compare the sweep in the MLflow UI{hint}: {self.view_url}")
 
     def _summarise(self) -> None:
         outcomes = [value for key, value in self.tracker.client.get_run(self.run_id).data.tags.items()
@@ -182,7 +205,13 @@ class Sweep:
         self.tracker.log_metrics(self.run_id, {
             "jobs": self.jobs, "jobs_failed": self.failed_jobs, "jobs_skipped": self.skipped,
             "children_finished": len(runs)})
-        if not runs or not self.swept:
+        if not runs:
+            return
+        try:
+            self.view_url = self._publish_view(runs)
+        except Exception as error:  # the results are all logged; only the UI view is missing
+            print(f"warning: could not save the sweep's MLflow UI view ({error})")
+        if not self.swept:
             return
         drawn = {}
         for artifact, metrics in SUMMARY_PLOTS.items():
@@ -197,6 +226,33 @@ class Sweep:
             {"run_id": r.info.run_id, "run_name": r.info.run_name,
              "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}
             for r in runs], "sweep_summary.json")
+
+    def _publish_view(self, runs: list) -> str:
+        """Save the sweep's comparison as a view named like the parent run (a resumed sweep
+        updates it) and return its link. A numeric swept value is also logged as a metric of the
+        runs that lack one, so the UI sorts and draws it as a number; with more than one swept
+        key each series (attack=pgd, ...) gets its own run colour."""
+        metrics = set().union(*(r.data.metrics for r in runs))
+        x = None
+        if self.swept:
+            x_key, numeric = x_axis(runs, self.swept)
+            if numeric:
+                for run in runs:
+                    if x_key not in run.data.metrics:
+                        self.tracker.log_metrics(run.info.run_id, {x_key: float(param(run, x_key))})
+                metrics.add(x_key)
+                x = (x_key, "METRIC")
+            else:
+                x = (param_name(runs[0], x_key), "PARAM")
+            labels = {r.info.run_id: series_label(r, self.swept, x_key) for r in runs}
+            colours = ui.series_colours(labels.values())
+            if len(colours) > 1:
+                for run_id, label in labels.items():
+                    self.tracker.set_tags(run_id, {"mlflow.runColor": colours[label]})
+        state = ui.sweep_view(self.run_id, x, [param_name(runs[0], k) for k in self.swept], metrics)
+        url = self.tracker.save_view(self.experiment, ui.SWEEP_VIEW + self.run_id, self.name, state)
+        self.tracker.set_tags(self.run_id, {"sweep.view_url": url})
+        return url
 
 
 def finish_open_sweeps(status: str, error: BaseException | None = None,

@@ -24,11 +24,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import matplotlib.pyplot as plt
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig
 
+from pipeline import ui
 from pipeline.config import PROJECT_ROOT
 from pipeline.errors import Stopped, TrackingError
 
@@ -36,6 +38,7 @@ for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.store.db.db_types"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 PARENT_ENV = "ADVEX_PARENT_RUN_ID"  # set while a sweep's parent run is open; jobs attach to it
+SWEPT_ENV = "ADVEX_SWEPT_KEYS"  # ... and the keys it sweeps, comma-separated: jobs are named by them
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 
 
@@ -94,17 +97,18 @@ def provenance_tags() -> dict[str, str]:
 class Tracker:
     """A tracking store: experiments by name, runs with guaranteed end states, logging helpers."""
 
-    def __init__(self, uri: str, artifact_root: str | None = None) -> None:
+    def __init__(self, uri: str, artifact_root: str | None = None, ui_url: str | None = None) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         local = urlparse(uri).scheme in ("sqlite", "")
         self.artifact_root = Path(artifact_root).resolve().as_uri() if artifact_root and local else None
+        self.ui = ui.base_url(uri, ui_url)  # where the MLflow UI shows this store
 
     @classmethod
     def connect(cls, cfg: DictConfig) -> Tracker:
         """The store in `cfg` (tracking group), checked to be reachable."""
         _probe(cfg.uri)
-        tracker = cls(cfg.uri, cfg.get("artifact_root"))
+        tracker = cls(cfg.uri, cfg.get("artifact_root"), cfg.get("ui_url"))
         try:
             tracker.client.search_experiments(max_results=1)
         except Exception as error:
@@ -180,8 +184,15 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step)
                                                for key, value in metrics.items()])
 
-    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+    def log_figure(self, run_id: str, figure, artifact_file: str, image_key: str | None = None,
+                   step: int = 0) -> None:
+        """A figure as a PNG artifact; with `image_key` also as an image at `step`, which the UI's
+        image chart puts beside the other runs' images."""
         self.client.log_figure(run_id, figure, artifact_file)
+        if image_key is not None:
+            figure.canvas.draw()
+            pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8
+            self.client.log_image(run_id, pixels, key=image_key, step=step)
         plt.close(figure)
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
@@ -206,6 +217,23 @@ class Tracker:
 
     def children(self, experiment: str, parent_id: str) -> list:
         return self.find_runs(experiment, **{MLFLOW_PARENT_RUN_ID: parent_id})
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI."""
+        return ui.run_url(self.ui, self.client.get_run(run_id).info.experiment_id, run_id)
+
+    def save_view(self, experiment: str, view_id: str, name: str, state: dict) -> str:
+        """Create, or update in place, a saved view of `experiment`'s runs page (listed by `name`
+        in the UI's Views menu); return the link that opens it. Sweep views beyond the newest
+        `ui.KEEP_SWEEP_VIEWS` are deleted."""
+        experiment_id = self.experiment_id(experiment)
+        tags = dict(self.client.get_experiment(experiment_id).tags)
+        key = ui.VIEW_TAG + view_id
+        tags[key] = ui.envelope(name, state, ui.created_at(tags.get(key)))
+        self.client.set_experiment_tag(experiment_id, key, tags[key])
+        for stale in ui.stale_sweep_views(tags):
+            self.client.delete_experiment_tag(experiment_id, stale)
+        return ui.view_url(self.ui, experiment_id, view_id)
 
     def reopen(self, run_id: str) -> None:
         """Mark a finished run RUNNING again (a resumed sweep's parent)."""

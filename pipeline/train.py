@@ -14,6 +14,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
+from pipeline import ui
 from pipeline.cli import entrypoint, exit_on_user_error
 from pipeline.config import CONFIG_DIR, build, flatten, validate
 from pipeline.data import MNISTData
@@ -110,8 +111,12 @@ def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, dige
         tracker.log_metrics(run_id, {"test_accuracy": result["test_accuracy"],
                                      "train_seconds": seconds})
         tracker.log_artifact(run_id, path, "checkpoint")
+        metrics = tracker.client.get_run(run_id).data.metrics
+        view = tracker.save_view(experiment, "training", "training curves of every cached model",
+                                 ui.training_view(metrics))
     print(f"trained {cfg.model.name}: test accuracy {result['test_accuracy']:.4f} "
-          f"in {seconds:.1f} s → {path}")
+          f"in {seconds:.1f} s → {path}\nMLflow training run: {tracker.run_url(run_id)}\n"
+          f"every cached model's training curves: {view}")
     return info
 
 

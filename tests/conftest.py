@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -44,10 +52,45 @@ def make_config(overrides: list[str], name: str = "config", hydra: bool = False)
         return compose(config_name=name, overrides=overrides, return_hydra_config=hydra)
 
 
-def all_runs(uri: str) -> list:
+def all_runs(uri: str, experiment: str | None = None) -> list:
+    """Every run in the store (of `experiment` only, if given)."""
     client = MlflowClient(uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
     return client.search_runs(ids, max_results=10_000) if ids else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server (`python -m pipeline.server`, what `make server` runs) on a free
+    loopback port, shared by the tests that need one (each uses its own experiment): its URI and
+    the folder where it keeps artifacts."""
+    home = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = (home / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.server", "--store", f"sqlite:///{home}/server.db",
+         "--artifacts", str(home / "served"), "--port", str(port), "--workers", "1"],
+        cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            break
+        except OSError:
+            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not answer within 180 s"
+            time.sleep(0.5)
+    yield uri, home / "served"
+    os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
+    process.wait(timeout=60)
+    log.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ to fix it, exit status 2, no traceback and no MLflow run; README's table shows t
 
 import re
 import shutil
-import socket
 import sys
 import warnings
 
@@ -11,14 +10,8 @@ import pytest
 
 from pipeline.__main__ import main
 from pipeline.data import raw_dir
-from tests.conftest import DATA_ROOT, PROJECT_ROOT, SMALL, all_runs
+from tests.conftest import DATA_ROOT, PROJECT_ROOT, SMALL, all_runs, free_port
 from tests.test_cli import invoke
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _broken_checkpoint(tmp_path, monkeypatch):
@@ -44,7 +37,7 @@ def _no_data_no_npm_no_network(tmp_path, monkeypatch):
 
 
 def _unreachable_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     return []
 
 

@@ -10,11 +10,12 @@ import warnings
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import ui
 from pipeline.__main__ import main
 from pipeline.cli import entrypoint
 from pipeline.metrics import METRIC_KEYS
 from pipeline.train import main as train_main
-from tests.conftest import PROJECT_ROOT, SMALL, all_runs, small_overrides
+from tests.conftest import PROJECT_ROOT, SMALL, all_runs, free_port, small_overrides
 
 SWEEP = ["attack=fgsm", "eps=0.05,0.1,0.2"]  # as in README: python -m pipeline attack=fgsm eps=... -m
 
@@ -25,8 +26,8 @@ def cli(args, store, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def sweep_children(store):
-    runs = all_runs(store)
+def sweep_children(store, experiment=None):
+    runs = all_runs(store, experiment)
     parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     return parents, {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId")
                                      == p.info.run_id] for p in parents}
@@ -51,6 +52,8 @@ def test_sweep_as_typed_then_rerun_gives_identical_metrics(mnist_root, store, tm
         eps = kid.data.metrics["eps"]
         assert kid.data.params["eps"] == f"{eps:g}"
         assert f"examples_eps{eps:g}.png" in {a.path for a in client.list_artifacts(kid.info.run_id)}
+        assert any(a.path.startswith(f"images/{ui.IMAGE_KEY}+step+0+") and a.path.endswith(".png")
+                   for a in client.list_artifacts(kid.info.run_id, "images"))  # for the UI's image chart
         by_eps[eps] = kid.data.metrics
     assert sorted(by_eps) == [0.05, 0.1, 0.2]
     rates = [by_eps[eps]["success_rate"] for eps in sorted(by_eps)]
@@ -101,10 +104,8 @@ def invoke_ok(task, args, outputs):
 
 
 def test_unreachable_tracking_server_in_a_sweep(tmp_path, capsys, monkeypatch):
-    from tests.test_bad_inputs import _free_port
-
     monkeypatch.setattr(sys, "argv", sys.argv)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no Hydra "callback raised" warning, no jobs started
         assert invoke(main, ["eps=0.1,0.2", "-m"], tmp_path) == 2
