@@ -145,7 +145,7 @@ class Sweep:
         key = sweep_key(overrides)
         earlier = tracker.find_runs(experiment, **{"sweep.key": key, "stage": "sweep"}) if resume else []
         if earlier:
-            self.run_id = earlier[0].info.run_id
+            self.run_id, self.name = earlier[0].info.run_id, earlier[0].info.run_name
             self._resume(earlier[0], planned)
         else:
             self.run_id = tracker.start_run(

@@ -90,7 +90,13 @@ def test_the_printed_links_open_the_sweep_comparison(mlflow_server, browser, mni
         assert card.locator("text.ytitle").text_content() == metric
         assert card.locator("path.point").count() == 3  # a point per run
     assert page.get_by_text("Model metrics").count() == 0  # no charts the view did not ask for
+    parent = next(r for r in all_runs(uri, "ui") if r.data.tags.get("stage") == "sweep")
+    expect(page.locator("body")).to_contain_text(parent.info.run_name)  # the view's name (Views menu)
     shot(page, "sweep_comparison.png")
+    chart(page, "examples").locator("[data-component-id=fullscreen_button_chartcard]").click()
+    expect(page.get_by_role("dialog").locator("img.rc-image-img")).to_have_count(3, timeout=LOAD)
+    expect(page.get_by_role("dialog")).to_contain_text("eps=0.05")
+    shot(page, "sweep_examples.png")
 
     # the same view as a table: the key metrics are columns, the rows in eps order
     table = visit(browser, link.replace("compareRunsMode=CHART", "compareRunsMode=TABLE"), "success_rate")
@@ -107,7 +113,6 @@ def test_the_printed_links_open_the_sweep_comparison(mlflow_server, browser, mni
     (experiment,) = re.findall(r"^  ui +(\S+)$", listed, re.MULTILINE)
     runs_table = visit(browser, experiment, "Run Name")
     assert "/runs" in runs_table.url and "workflowType=machine_learning" in runs_table.url
-    parent = next(r for r in all_runs(uri, "ui") if r.data.tags.get("stage") == "sweep")
     expect(runs_listed(runs_table).filter(has_text=parent.info.run_name)).to_have_count(1, timeout=LOAD)
     shot(runs_table, "experiment.png")
 
