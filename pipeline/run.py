@@ -15,16 +15,16 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline import ui
 from pipeline.attack_step import AttackResult, run_attack
 from pipeline.cli import in_multirun
 from pipeline.config import build, check_devices, check_n_eval, config_hash, flatten, validate
-from pipeline.memory import memory_mb, reset_peak
 from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
-from pipeline.tracking import PARENT_ENV, SWEPT_ENV, Tracker
+from pipeline.tracking import ui
+from pipeline.tracking.figures import example_grid, metric_curves, min_norm_figure
+from pipeline.tracking.resources import memory_mb, reset_peak
+from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker
 from pipeline.train import checkpoint_for
-from pipeline.viz import example_grid, metric_curves, min_norm_figure
 
 
 @dataclass

@@ -14,14 +14,14 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import ui
 from pipeline.cli import entrypoint, exit_on_user_error
 from pipeline.config import CONFIG_DIR, build, flatten, validate
-from pipeline.data import MNISTData
+from pipeline.data.mnist import MNISTData
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import Classifier
-from pipeline.tracking import Tracker
-from pipeline.trainer import lightning_trainer
+from pipeline.models.trainer import lightning_trainer
+from pipeline.tracking import ui
+from pipeline.tracking.store import Tracker
 
 CACHE_VERSION = 1  # bump when training code changes what a config's weights are
 

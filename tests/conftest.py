@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from pipeline.config import CONFIG_DIR, PROJECT_ROOT
-from pipeline.data import ensure_mnist
+from pipeline.data.mnist import ensure_mnist
 
 DATA_ROOT = PROJECT_ROOT / "outputs" / "data"
 
@@ -67,14 +67,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real tracking server (`python -m pipeline.server`, what `make server` runs) on a free
+    """A real tracking server (`python -m pipeline.tracking.server`, what `make server` runs) on a free
     loopback port, shared by the tests that need one (each uses its own experiment): its URI and
     the folder where it keeps artifacts."""
     home = tmp_path_factory.mktemp("server")
     port = free_port()
     log = (home / "server.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.server", "--store", f"sqlite:///{home}/server.db",
+        [sys.executable, "-m", "pipeline.tracking.server", "--store", f"sqlite:///{home}/server.db",
          "--artifacts", str(home / "served"), "--port", str(port), "--workers", "1"],
         cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -96,9 +96,9 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cnn(mnist_root, tmp_path_factory):
     """A small CNN trained for one epoch on 3000 images by the pipeline's own train step."""
-    from pipeline.data import MNISTData
+    from pipeline.data.mnist import MNISTData
     from pipeline.models import load_classifier
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
     from pipeline.train import checkpoint_for
 
     out = tmp_path_factory.mktemp("tiny")

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.data import raw_dir
+from pipeline.data.mnist import raw_dir
 from tests.conftest import DATA_ROOT, PROJECT_ROOT, SMALL, all_runs, free_port
 from tests.test_cli import invoke
 
@@ -32,7 +32,7 @@ def _no_data_no_npm_no_network(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setenv("PATH", str(tmp_path))  # npm cannot be found
-    monkeypatch.setattr("pipeline.data._fetch_web", offline)
+    monkeypatch.setattr("pipeline.data.mnist._fetch_web", offline)
     return [f"paths.data={tmp_path / 'nothing'}"]
 
 

@@ -10,10 +10,10 @@ import warnings
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import ui
 from pipeline.__main__ import main
 from pipeline.cli import entrypoint
 from pipeline.metrics import METRIC_KEYS
+from pipeline.tracking import ui
 from pipeline.train import main as train_main
 from tests.conftest import PROJECT_ROOT, SMALL, all_runs, free_port, small_overrides
 
@@ -184,8 +184,8 @@ def test_lbfgs_as_typed(mnist_root, store, tmp_path):
 
 @pytest.mark.slow
 def test_szegedy_table1_experiment_and_table(mnist_root, store, tmp_path, capsys, monkeypatch):
-    from pipeline.table1 import PAPER
-    from pipeline.table1 import main as table1_main
+    from pipeline.papers.table1 import PAPER
+    from pipeline.papers.table1 import main as table1_main
 
     monkeypatch.setattr(sys, "argv", sys.argv)
     invoke_ok(main, [*SMALL, "n_eval=16", "experiment=szegedy_table1", "attack.c_steps=3",
@@ -211,7 +211,7 @@ def test_szegedy_table1_experiment_and_table(mnist_root, store, tmp_path, capsys
 
 
 def test_table1_without_a_sweep_is_a_clear_error(store, tmp_path, capsys, monkeypatch):
-    from pipeline.table1 import main as table1_main
+    from pipeline.papers.table1 import main as table1_main
 
     monkeypatch.setattr(sys, "argv", sys.argv)
     assert invoke(table1_main, [], tmp_path) == 2

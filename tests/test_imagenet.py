@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 from torchvision import transforms as T
 
 from pipeline.attacks import fgsm
+from pipeline.data.photos import PhotoData, _sample_photos, class_index
 from pipeline.errors import DataError
-from pipeline.photos import PhotoData, _sample_photos, class_index
-from pipeline.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0, imagenet_categories
+from pipeline.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0, imagenet_categories
 from pipeline.run import run
 from tests.conftest import all_runs, make_config
 

@@ -7,10 +7,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.data import MNISTData
+from pipeline.data.mnist import MNISTData
 from pipeline.metrics import EXTRA_KEYS, METRIC_KEYS
 from pipeline.run import run
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 from tests.conftest import all_runs, make_config, small_overrides
 
 TIMING = {"attack_seconds", "images_per_second"}

@@ -1,4 +1,4 @@
-"""`python -m pipeline.published`: published MNIST numbers beside ours, on a tiny CNN and a few images."""
+"""`python -m pipeline.papers.published`: published MNIST numbers beside ours, on a tiny CNN, few images."""
 
 import json
 import math
@@ -12,7 +12,7 @@ from pipeline.attacks import bim, fgsm
 from pipeline.cli import entrypoint
 from pipeline.errors import ConfigError
 from pipeline.metrics import linf
-from pipeline.published import (
+from pipeline.papers.published import (
     ROWS,
     SECTIONS,
     _settings,
@@ -25,7 +25,7 @@ from pipeline.published import (
     produce,
     report_text,
 )
-from pipeline.published import main as published_main
+from pipeline.papers.published import main as published_main
 from tests.conftest import all_runs, make_config, small_overrides
 
 # every measurement on a few images with few steps: seconds on a tiny CNN

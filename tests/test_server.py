@@ -1,4 +1,4 @@
-"""A real MLflow tracking server (`python -m pipeline.server`, what `make server` runs): a parallel
+"""A real MLflow tracking server (`python -m pipeline.tracking.server`, what `make server` runs): a parallel
 sweep against it over HTTP, read back over HTTP."""
 
 import sys

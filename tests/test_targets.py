@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.targets import choose_targets, random_offsets
+from pipeline.attacks.targets import choose_targets, random_offsets
 
 
 def test_strategies():

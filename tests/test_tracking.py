@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from pipeline.sweep import sweep_series, swept_keys
+from pipeline.tracking.sweep import sweep_series, swept_keys
 
 
 def test_swept_keys_from_the_command_line_and_experiment_configs():

@@ -5,9 +5,9 @@ import base64
 import json
 import zlib
 
-from pipeline import ui
-from pipeline.sweep import Sweep
-from pipeline.tracking import Tracker
+from pipeline.tracking import ui
+from pipeline.tracking.store import Tracker
+from pipeline.tracking.sweep import Sweep
 
 
 def _views(tracker: Tracker, experiment: str) -> dict[str, dict]:

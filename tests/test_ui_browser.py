@@ -12,8 +12,8 @@ import sys
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from pipeline import ui
 from pipeline.__main__ import main
+from pipeline.tracking import ui
 from tests.conftest import PROJECT_ROOT, SMALL, all_runs
 from tests.test_cli import invoke_ok
 

@@ -17,7 +17,7 @@ from pipeline.config import build
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
 from pipeline.parallel import CoreSplit, cpu_workers
-from pipeline.tracking import Tracker, provenance_tags
+from pipeline.tracking.store import Tracker, provenance_tags
 from pipeline.train import checkpoint_for
 
 SECTIONS = ("attacks", "eps_list", "training", "end_to_end")

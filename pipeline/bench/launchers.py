@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 
 SWEEP = ["attack=fgsm", "eps=0.02,0.04,0.06,0.08,0.1,0.2", "n_eval=5000",
          "trainer.enable_progress_bar=false"]

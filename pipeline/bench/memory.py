@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from pipeline.__main__ import main
 from pipeline.cli import entrypoint
 from pipeline.config import CONFIG_DIR
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 
 SWEEP = ["attack=fgsm", "eps=0.02,0.04,0.06,0.08,0.1", "n_eval=5000", "resume=false",
          "trainer.enable_progress_bar=false"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 
 
 def machine(device: torch.device) -> dict:

@@ -26,7 +26,7 @@ from pipeline.bench.measure import (
     over_batches,
 )
 from pipeline.config import PROJECT_ROOT, build
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 from pipeline.train import checkpoint_for
 
 OURS = "advex-pipeline"

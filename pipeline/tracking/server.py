@@ -1,4 +1,4 @@
-"""`python -m pipeline.server` (`make server`): a shared MLflow tracking server.
+"""`python -m pipeline.tracking.server` (`make server`): a shared MLflow tracking server.
 
 Runs go to a database backend store (sqlite under outputs/server/ by default; any SQLAlchemy
 URI such as `postgresql://user:password@host:5432/mlflow` works) and artifacts to an artifact
@@ -26,7 +26,8 @@ def command(store: str, artifacts: str, host: str, port: int, workers: int) -> l
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking.server",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default=f"sqlite:///{SERVER_DIR / 'mlflow.db'}",
                         help="backend store URI (default: %(default)s)")
     parser.add_argument("--artifacts", default=str(SERVER_DIR / "artifacts"),

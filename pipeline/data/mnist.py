@@ -53,7 +53,7 @@ def sha256(path: Path) -> str:
 
 def verify(root: str | Path) -> dict[str, str]:
     """Check size and SHA-256 of every raw file; return {file name: sha256}."""
-    fix = "delete it and run `make data` (or `python -m pipeline.data`) to fetch a fresh copy"
+    fix = "delete it and run `make data` (or `python -m pipeline.data.mnist`) to fetch a fresh copy"
     checksums = {}
     for name, (size, expected) in RAW_FILES.items():
         path = raw_dir(root) / name

@@ -20,11 +20,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline import ui
 from pipeline.config import check_devices, config_hash, sweep_key, validate
 from pipeline.errors import PipelineError, report, user_message
-from pipeline.tracking import PARENT_ENV, SWEPT_ENV, Tracker
-from pipeline.viz import metric_curves
+from pipeline.tracking import ui
+from pipeline.tracking.figures import metric_curves
+from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker
 
 SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
     "summary_success_accuracy.png": ("success_rate", "adv_accuracy"),

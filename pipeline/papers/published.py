@@ -1,4 +1,4 @@
-"""`python -m pipeline.published` (or `make published`): published MNIST numbers beside ours.
+"""`python -m pipeline.papers.published` (or `make published`): published MNIST numbers beside ours.
 
 Attacks the default CNN (the cached checkpoint; trained if missing) the way two papers measured
 their attacks on MNIST and prints their numbers next to ours:
@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError
 from pipeline.metrics import l2, linf
 from pipeline.models import load_classifier
 from pipeline.parallel import CoreSplit, cpu_workers
-from pipeline.tracking import Tracker, provenance_tags
+from pipeline.tracking.store import Tracker, provenance_tags
 from pipeline.train import checkpoint_for
 
 SECTIONS = ("cw", "deepfool", "lbfgs", "fgsm", "bim")

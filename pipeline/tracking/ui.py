@@ -191,7 +191,7 @@ def links(tracker, base: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.ui` (`make ui`): print where each experiment's runs table is, then serve
+    """`python -m pipeline.tracking.ui` (`make ui`): print where each experiment's runs table is, then serve
     the local store with `mlflow ui`."""
     import argparse
     import os
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from pipeline.config import PROJECT_ROOT
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ui", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking.ui", description=main.__doc__)
     parser.add_argument("--store", default=os.environ.get(
         "MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT_ROOT / 'outputs' / 'mlflow.db'}"))
     parser.add_argument("--host", default="127.0.0.1")

@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig
 
-from pipeline import ui
 from pipeline.config import PROJECT_ROOT
 from pipeline.errors import Stopped, TrackingError
+from pipeline.tracking import ui
 
 for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.store.db.db_types"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)

@@ -1,4 +1,4 @@
-"""`python -m pipeline.table1`: Szegedy et al. 2013, Table 1, beside ours.
+"""`python -m pipeline.papers.table1`: Szegedy et al. 2013, Table 1, beside ours.
 
 Reads the latest `experiment=szegedy_table1` sweep from the MLflow store, prints test error and
 average minimum distortion (sqrt(sum r² / n), n = 784, over successful adversarials) per model
@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from pipeline.cli import entrypoint, exit_on_user_error
 from pipeline.config import CONFIG_DIR
 from pipeline.errors import PipelineError
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 
 # model option → (paper's name, test error %, average minimum distortion), REFERENCE.md
 PAPER = {
