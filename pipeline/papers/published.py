@@ -40,7 +40,7 @@ from pipeline.train import checkpoint_for
 SECTIONS = ("cw", "deepfool", "lbfgs", "fgsm", "bim")
 CW_2017 = "C&W 2017, Table IV"
 DEEPFOOL_2016 = "DeepFool 2016, Table 1 (LeNet)"
-# (paper, attack, quantity, published value(s), our section, our keys), REFERENCE.md
+# (paper, attack, quantity, published value(s), our section, our keys), as published
 ROWS = [
     (CW_2017, "C&W L2, targeted", "mean L2, best / average / worst target", (1.36, 1.76, 2.60),
      "cw", ("l2_best", "l2_average", "l2_worst")),

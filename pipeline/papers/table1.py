@@ -15,7 +15,7 @@ from pipeline.config import CONFIG_DIR
 from pipeline.errors import PipelineError
 from pipeline.tracking.store import Tracker
 
-# model option → (paper's name, test error %, average minimum distortion), REFERENCE.md
+# model option → (paper's name, test error %, average minimum distortion) as published
 PAPER = {
     "fc10_1e-4": ("FC10(1e-4)", 7.4, 0.062),
     "fc10_1e-2": ("FC10(1e-2)", 9.4, 0.1),
