@@ -11,16 +11,15 @@ from dataclasses import dataclass
 
 import pytorch_lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.attacks.targets import choose_targets, random_offsets
-from pipeline.config import eps_values
+from pipeline.config import attack_fn, eps_values
 from pipeline.metrics import min_norm_summary, per_sample, summarize
 from pipeline.models.trainer import lightning_trainer
-from pipeline.parallel import CoreSplit, cpu_workers
+from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
 
 
 def sync(device: torch.device) -> None:
@@ -62,6 +61,26 @@ class AttackResult:
     cpu_workers: int                         # slices each batch ran in (1: one call)
 
 
+@dataclass
+class Adversarials:
+    """What one attack call made of a batch: an adversarial batch per eps, and the per-image
+    diagnostics the attack wrote into `info=` (e.g. lbfgs' final c)."""
+    images: list[torch.Tensor]
+    info: dict[str, torch.Tensor]
+
+
+@dataclass
+class Share:
+    """What one DDP rank attacked, sent to every rank at the end of the test loop."""
+    samples: list[dict[str, list[torch.Tensor]]]
+    examples: list[dict[str, list[torch.Tensor]]]
+    attack_seconds: float
+    forward: int
+    backward: int
+    info_keys: set[str]
+    n_attacked: int
+
+
 class AttackStep(L.LightningModule):
     """Attacks each test batch with `attack(model, x, y, eps=..., targeted=..., target=...)`
     for every eps value (no `eps` for an attack without one) and keeps every image's outcome.
@@ -91,8 +110,7 @@ class AttackStep(L.LightningModule):
         self.n_kept = 0
         self.info_keys: set[str] = set()
 
-    def _attack(self, x, y, target, seeds) -> dict[str, torch.Tensor]:
-        """{"adv0": x_adv for the first eps, ..., "info.<key>": per-image diagnostics}."""
+    def _attack(self, x, y, target, seeds) -> Adversarials:
         kwargs = {"targeted": self.targeted, "target": target}
         if self.takes_seeds:
             kwargs["seeds"] = seeds
@@ -105,19 +123,13 @@ class AttackStep(L.LightningModule):
             adversarials = [self.attack(self.classifier, x, y, **kwargs)]
         else:
             adversarials = [self.attack(self.classifier, x, y, eps=self.eps[0], **kwargs)]
-        return {**{f"adv{k}": a for k, a in enumerate(adversarials)},
-                **{f"info.{key}": value for key, value in info.items()}}
-
-    def _split(self, fn, *tensors):
-        if self.split is not None and tensors[0].device.type == "cpu":
-            return self.split(fn, *tensors)
-        return fn(*tensors)
+        return Adversarials(adversarials, info)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         def forward(xs):
             with torch.no_grad():  # worker threads do not inherit the test loop's no_grad
                 return self.classifier(xs)
-        return self._split(forward, x)
+        return split_or_call(self.split, forward, x)
 
     def test_step(self, batch, batch_idx):
         x, y, position = batch  # (B, C, H, W) in [0, 1], (B,), (B,)
@@ -128,17 +140,16 @@ class AttackStep(L.LightningModule):
         start = time.perf_counter()
         self.passes.counting = True
         seeds = position.cpu() + self.seed * 1_000_000_007 if self.takes_seeds else None
-        generated = self._split(self._attack, x, y, target, seeds)
+        generated: Adversarials = split_or_call(self.split, self._attack, x, y, target, seeds)
         self.passes.counting = False
         sync(x.device)
         self.attack_seconds += time.perf_counter() - start
         self.n_attacked += len(x)
-        info = {key[5:]: value for key, value in generated.items() if key.startswith("info.")}
+        info = generated.info
         self.info_keys.update(info)
 
         keep = min(self.n_examples - self.n_kept, len(x))
-        for k in range(len(self.eps)):
-            x_adv = generated[f"adv{k}"]
+        for k, x_adv in enumerate(generated.images):
             outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info,
                        "y": y, "position": position, **({} if target is None else {"target": target})}
             for key, value in outcome.items():
@@ -154,18 +165,20 @@ class AttackStep(L.LightningModule):
         (the attack time is the slowest rank's, passes add up)."""
         if self.trainer.world_size == 1:
             return
-        mine = (self.samples, self.examples, self.attack_seconds, self.passes.forward,
-                self.passes.backward, self.info_keys, self.n_attacked)
-        ranks: list = [None] * self.trainer.world_size
+        mine = Share(self.samples, self.examples, self.attack_seconds, self.passes.forward,
+                     self.passes.backward, self.info_keys, self.n_attacked)
+        ranks: list[Share] = [mine] * self.trainer.world_size
         torch.distributed.all_gather_object(ranks, mine)
         for k in range(len(self.eps)):
-            for which, index in ((self.samples, 0), (self.examples, 1)):
-                which[k] = defaultdict(list, {key: [part for rank in ranks for part in rank[index][k][key]]
-                                              for key in ranks[0][index][k]})
-        self.attack_seconds = max(rank[2] for rank in ranks)
-        self.passes.forward, self.passes.backward = (sum(rank[i] for rank in ranks) for i in (3, 4))
-        self.info_keys = set().union(*(rank[5] for rank in ranks))
-        self.n_attacked = sum(rank[6] for rank in ranks)
+            self.samples[k] = defaultdict(list, {key: [p for r in ranks for p in r.samples[k][key]]
+                                                 for key in ranks[0].samples[k]})
+            self.examples[k] = defaultdict(list, {key: [p for r in ranks for p in r.examples[k][key]]
+                                                  for key in ranks[0].examples[k]})
+        self.attack_seconds = max(r.attack_seconds for r in ranks)
+        self.passes.forward = sum(r.forward for r in ranks)
+        self.passes.backward = sum(r.backward for r in ranks)
+        self.info_keys = set().union(*(r.info_keys for r in ranks))
+        self.n_attacked = sum(r.n_attacked for r in ranks)
 
     def result(self) -> AttackResult:
         metrics, examples, outcomes = [], [], []
@@ -205,7 +218,7 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
     trainer = lightning_trainer(cfg, inference_mode=False)  # attacks need gradients
     workers = cpu_workers(cfg.cpu_workers) if trainer.strategy.root_device.type == "cpu" else 1
     split = CoreSplit(workers) if workers > 1 else None
-    step = AttackStep(classifier, instantiate(cfg.attack.fn), eps_values(cfg),
+    step = AttackStep(classifier, attack_fn(cfg.attack), eps_values(cfg),
                       targeted=cfg.attack.targeted, target=cfg.attack.target,
                       offsets=random_offsets(len(eval_set), cfg.data.num_classes, cfg.seed),
                       n_examples=cfg.attack.n_examples, split=split, seed=cfg.seed)

@@ -1,5 +1,9 @@
-"""Command-line wrapper: user errors become one `error: …` line and exit status 2; SIGTERM and
-Ctrl-C end the open runs KILLED; no parent run is ever left RUNNING."""
+"""The command-line layer around Hydra: user errors become one `error: …` line and exit status 2;
+SIGTERM and Ctrl-C end the open runs KILLED; a multirun gets its MLflow parent run from a Hydra
+callback, and no parent run is ever left RUNNING.
+
+This module imports no torch, Lightning or MLflow: `--help`, `--cfg job` and config errors answer
+before them (the tracking modules are imported once a sweep opens)."""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ import functools
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.errors import PipelineError, Stopped, StopSweep, report, user_message
-from pipeline.tracking.sweep import finish_open_sweeps
 
 T = TypeVar("T")
 
@@ -51,10 +56,53 @@ def exit_on_user_error(task: Callable[[DictConfig], T]) -> Callable[[DictConfig]
 
 
 def _close_sweeps(status: str, error: BaseException | None, job_failed: bool = False) -> None:
+    sweep = sys.modules.get("pipeline.tracking.sweep")  # imported by a process that opened a sweep
+    if sweep is None:
+        return
     try:
-        finish_open_sweeps(status, error, job_failed)
+        sweep.finish_open_sweeps(status, error, job_failed)
     except Exception as tracking_error:  # the store may be what failed; report the first error
         print(f"warning: could not close the sweep's parent run: {tracking_error}", file=sys.stderr)
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml): one parent run per multirun, jobs become its children."""
+
+    def __init__(self) -> None:
+        self.sweep: Any = None  # the open pipeline.tracking.sweep.Sweep
+
+    def __getstate__(self) -> dict:  # a launcher ships callbacks to its workers: not the open sweep
+        return {"sweep": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            from pipeline.tracking.sweep import open_sweep
+
+            self.sweep = open_sweep(config)
+        except Exception as error:
+            # Hydra would turn an exception here into a warning and start every job anyway
+            message = user_message(error)
+            if message is None:
+                traceback.print_exc()
+            else:
+                report(message)
+            raise SystemExit(2 if message else 1) from error
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Record the job's outcome (COMPLETED, or FAILED and its one line) on the parent run."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        outcome = job_return.status.name
+        if outcome == "FAILED":
+            error = getattr(job_return, "_return_value", None)
+            outcome += f": {user_message(error) or repr(error)}"[:400] if error is not None else ""
+        from pipeline.tracking.sweep import record_job
+
+        record_job(config, outcome)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.finish_if_open()
 
 
 @contextmanager

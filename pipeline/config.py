@@ -1,10 +1,15 @@
-"""Config helpers: the project-root resolver, validation of user values, flattening for MLflow."""
+"""Config helpers: the project-root resolver, validation of user values, flattening for MLflow,
+and the attack function an attack config describes (`attack_fn`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import math
+from collections.abc import Callable, Mapping
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -113,6 +118,7 @@ def validate(cfg: DictConfig) -> None:
     check_n_eval(cfg.n_eval, cfg.data.get("test_size"))
     _positive_int("attack.batch_size", cfg.attack.batch_size)
     _attack_numbers(cfg)
+    attack_kwargs(cfg.attack)  # the function exists and takes every hyper-parameter given
     for switch in ("resume", "fail_fast"):
         if not isinstance(cfg.get(switch, False), bool):
             raise ConfigError(f"{switch}={cfg[switch]!r} must be true or false")
@@ -179,3 +185,92 @@ def sweep_key(overrides: list[str]) -> str:
     out (so `resume=false` or another `paths.outputs` still name the same sweep)."""
     kept = sorted(o for o in overrides if not _is_run_control(o.split("=", 1)[0].lstrip("+~")))
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def is_pretrained(cfg: DictConfig) -> bool:
+    """Whether the model comes with its weights (ImageNet) rather than trained by the pipeline."""
+    return "pretrained" in cfg.model
+
+
+# ---------------------------------------------------------------- attacks from their configs
+
+# Keys of an attack config (conf/attack_base.yaml and conf/attack/<name>.yaml) that are not bound
+# to the attack function: what the attack is, and how a job runs it. `eps`, `targeted` and `target`
+# (a strategy, turned into one class per image) are given with every call by whoever runs it.
+ATTACK_RUN_KEYS = ("name", "function", "eps", "eps_list", "targeted", "target", "batch_size",
+                   "n_examples", "untargeted_only")
+
+
+def attack_function(attack_cfg: DictConfig | Mapping, where: str = "attack") -> Callable:
+    """The function named by the config's `function` key (e.g. pipeline.attacks.deepfool)."""
+    path = attack_cfg.get("function")
+    module, _, name = str(path).rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"{where}.function={path!r} cannot be imported ({error}); name a function "
+                          f"such as {where}.function=pipeline.attacks.fgsm") from None
+    if not callable(function):
+        raise ConfigError(f"{where}.function={path!r} is not a function")
+    return function
+
+
+def attack_kwargs(attack_cfg: DictConfig | Mapping, where: str = "attack",
+                  other_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The hyper-parameters an attack config gives its function: every key but the run keys (and
+    `other_keys`, read by the caller) that the function's signature takes as a keyword argument.
+    A key it does not take is a ConfigError (unless the function takes **kwargs)."""
+    function = attack_function(attack_cfg, where)
+    parameters = inspect.signature(function).parameters
+    named = {key for key, p in parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(ATTACK_RUN_KEYS)
+    keys = [key for key in attack_cfg if key not in ATTACK_RUN_KEYS and key not in other_keys]
+    unknown = sorted(key for key in keys if key not in named)
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; {attack_cfg.get('function')} takes "
+                          f"{sorted(named - {'model', 'x', 'y', 'seeds', 'info'})}")
+    kwargs = {}
+    for key in keys:
+        if key in named:
+            value = attack_cfg[key]
+            kwargs[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return kwargs
+
+
+def attack_fn(attack_cfg: DictConfig | Mapping) -> Callable:
+    """The attack a config describes: its function with the config's hyper-parameters bound, to be
+    called as `attack(model, x, y, [eps=...], targeted=..., target=..., ...)`."""
+    return functools.partial(attack_function(attack_cfg), **attack_kwargs(attack_cfg))
+
+
+def _load(path: Path, config_dir: Path) -> DictConfig:
+    """A config file merged over its `defaults:` (same-group names and /absolute ones), as Hydra
+    composes them; interpolations are left unresolved."""
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no config {path.relative_to(config_dir)}; choose from {options}")
+    node = OmegaConf.load(path)
+    defaults = list(node.pop("defaults", None) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, node)
+            continue
+        name = str(entry).split("@", 1)[0]
+        parent = config_dir if name.startswith("/") else path.parent
+        merged = OmegaConf.merge(merged, _load(parent / f"{name.lstrip('/')}.yaml", config_dir))
+    return merged
+
+
+def attack_config(name: str, config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """conf/attack/<name>.yaml as `attack=<name>` composes it, without Hydra (its `${eps}` and
+    `${data...}` stay unresolved)."""
+    return _load(Path(config_dir) / "attack" / f"{name}.yaml", Path(config_dir))
+
+
+def attack_defaults(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
+    """The hyper-parameters of attack `name` as conf/attack/<name>.yaml sets them, as keyword
+    arguments of its function: `pgd(model, x, y, 0.1, **attack_defaults("pgd"))`."""
+    return attack_kwargs(attack_config(name, config_dir), where=name)

@@ -9,9 +9,11 @@ not depend on which slice it is in.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -28,7 +30,7 @@ def cpu_workers(setting: int | str) -> int:
 class CoreSplit:
     """`split(fn, x, y, ...)` runs fn on slices of at most `slice_size` images of every tensor
     argument (None stays None), spread over `workers` threads of one intra-op thread each, and
-    concatenates the results (a tensor, a list or a dict of tensors) in order."""
+    concatenates the results (a tensor, or a list, dict or dataclass of them, nested) in order."""
 
     def __init__(self, workers: int, slice_size: int = 64) -> None:
         self.workers, self.slice_size = workers, slice_size
@@ -50,12 +52,7 @@ class CoreSplit:
         n = self.workers * per_worker                                  # equal work for every core
         columns = [t.tensor_split(n) if t is not None else [None] * n for t in (x, *more)]
         slices = [args for args in zip(*columns, strict=True) if len(args[0])]
-        results = list(self.pool.map(lambda args: fn(*args), slices))
-        if isinstance(results[0], torch.Tensor):
-            return torch.cat(results)
-        if isinstance(results[0], dict):
-            return {key: torch.cat([r[key] for r in results]) for key in results[0]}
-        return [torch.cat(parts) for parts in zip(*results, strict=True)]
+        return _concat(list(self.pool.map(lambda args: fn(*args), slices)))
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -65,3 +62,23 @@ class CoreSplit:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _concat(parts: list) -> Any:
+    """The slices' results put back together, whatever structure of tensors they share."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {key: _concat([p[key] for p in parts]) for key in first}
+    if dataclasses.is_dataclass(first):
+        return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts])
+                              for f in dataclasses.fields(first)})
+    return [_concat(list(column)) for column in zip(*parts, strict=True)]
+
+
+def split_or_call(split: CoreSplit | None, fn: Callable, *tensors: torch.Tensor | None) -> Any:
+    """`split(fn, *tensors)` for CPU tensors when there is a split, else one call `fn(*tensors)`."""
+    if split is not None and tensors[0] is not None and tensors[0].device.type == "cpu":
+        return split(fn, *tensors)
+    return fn(*tensors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from pipeline.config import CONFIG_DIR, PROJECT_ROOT
+from pipeline.config import CONFIG_DIR, PROJECT_ROOT, attack_defaults
 from pipeline.data.mnist import ensure_mnist
 
 DATA_ROOT = PROJECT_ROOT / "outputs" / "data"
@@ -50,6 +51,15 @@ def make_config(overrides: list[str], name: str = "config", hydra: bool = False)
     """The composed config; `hydra=True` keeps Hydra's own node (launcher, sweeper, ...)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides, return_hydra_config=hydra)
+
+
+_attack_defaults = functools.cache(attack_defaults)  # read once per attack
+
+
+def attack_params(name: str, **overrides) -> dict:
+    """The hyper-parameters of attack `name` as conf/attack/<name>.yaml sets them (keyword arguments
+    of its function), with `overrides`: `pgd(model, x, y, 0.1, **attack_params("pgd", steps=5))`."""
+    return {**_attack_defaults(name), **overrides}
 
 
 def all_runs(uri: str, experiment: str | None = None) -> list:
@@ -98,8 +108,8 @@ def tiny_cnn(mnist_root, tmp_path_factory):
     """A small CNN trained for one epoch on 3000 images by the pipeline's own train step."""
     from pipeline.data.mnist import MNISTData
     from pipeline.models import load_classifier
+    from pipeline.models.training import checkpoint_for
     from pipeline.tracking.store import Tracker
-    from pipeline.train import checkpoint_for
 
     out = tmp_path_factory.mktemp("tiny")
     cfg = make_config(small_overrides(out, "train.n_train=3000", "seed=1"))

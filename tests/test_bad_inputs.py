@@ -1,5 +1,5 @@
 """The bad-input catalogue: every case ends with one `error:` line saying what is wrong and how
-to fix it, exit status 2, no traceback and no MLflow run; README's table shows the same lines."""
+to fix it, exit status 2, no traceback and no MLflow run; docs/reliability.md's table shows the same lines."""
 
 import re
 import shutil
@@ -51,7 +51,7 @@ def _empty_image_folder(tmp_path, monkeypatch):
     return ["data=imagenet", "model=efficientnet_lite0", f"data.images={tmp_path / 'photos'}"]
 
 
-# README row (what the user types) → (arguments, setup adding arguments, the line expected)
+# docs/reliability.md's row (what the user types) → (arguments, setup adding arguments, the line expected)
 BAD_INPUTS = {
     "attack=nope": ([], None, r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd "
                               r"\(e\.g\. attack=bim\)"),
@@ -99,7 +99,7 @@ BAD_INPUTS = {
 
 
 def _arguments(row: str) -> list[str]:
-    """The overrides of a README row (`key=value` words; the setup supplies DIR, the broken file
+    """The overrides of a table row (`key=value` words; the setup supplies DIR, the broken file
     and the environment variable)."""
     return [word for word in row.split(" (")[0].split()
             if "=" in word and "DIR" not in word and "broken" not in word
@@ -124,16 +124,16 @@ def test_bad_input_is_one_line_and_no_run(row, mnist_root, store, tmp_path, caps
         assert all_runs(store) == []
 
 
-def readme_errors_table() -> dict[str, str]:
-    """README's bad-input table: {what the user types: the error line}."""
-    text = (PROJECT_ROOT / "README.md").read_text()
+def documented_errors_table() -> dict[str, str]:
+    """docs/reliability.md's bad-input table: {what the user types: the error line}."""
+    text = (PROJECT_ROOT / "docs" / "reliability.md").read_text()
     section = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(.+?)`(.*?) \| (error: .+) \|$", section, flags=re.M)
     return {f"{typed}{extra}".strip(): line for typed, extra, line in rows}
 
 
-def test_readme_table_lists_every_case_with_its_line():
-    table = readme_errors_table()
+def test_documented_table_lists_every_case_with_its_line():
+    table = documented_errors_table()
     assert set(table) == set(BAD_INPUTS)
     for row, (_, _, message) in BAD_INPUTS.items():
         assert re.search(message, table[row]), (row, table[row])

@@ -139,18 +139,26 @@ def test_iterative_and_minimal_norm_rows(mnist_root, store, tmp_path):
     assert "(fixed c=1: no search over c) † |" in markdown
 
 
+def per_attack(name, *overrides):
+    """per_attack.<name> of the composed bench config: conf/attack/<name>.yaml with conf/bench.yaml's
+    settings and `overrides` over it."""
+    return make_config(list(overrides), name="bench").per_attack[name]
+
+
 def test_hyper_parameters():
-    assert hyper_parameters("pgd", 0.3, {"n": 5, "steps": 4}) == {
+    assert hyper_parameters("pgd", per_attack("pgd", "eps=0.3", "per_attack.pgd.n=5",
+                                              "per_attack.pgd.steps=4")) == {
         "eps": 0.3, "alpha": 2.5 * 0.3 / 4, "steps": 4, "random_start": False}
-    assert hyper_parameters("bim", 0.1, {"alpha": 0.05})["alpha"] == 0.05
-    assert hyper_parameters("pgd_l2", 0.1, {})["eps"] == 1.5  # an L2 radius of its own
-    assert hyper_parameters("deepfool", 0.1, {}) == {"steps": 50, "overshoot": 0.02, "candidates": 10}
-    assert hyper_parameters("lbfgs", 0.1, {"repeats": 1}) == {}
+    assert hyper_parameters("bim", per_attack("bim", "per_attack.bim.alpha=0.05"))["alpha"] == 0.05
+    assert hyper_parameters("pgd_l2", per_attack("pgd_l2", "eps=0.1"))["eps"] == 1.5  # its own L2 radius
+    assert hyper_parameters("deepfool", per_attack("deepfool", "eps=0.1")) == {
+        "steps": 50, "overshoot": 0.02, "candidates": 10}
+    assert hyper_parameters("lbfgs", per_attack("lbfgs", "per_attack.lbfgs.repeats=1")) == {}
     assert ATTACKS["pgd"].floor({"steps": 7}) == 7 and ATTACKS["cw_l2"].floor({}) is None
     assert ATTACKS["deepfool"].jacobian_rows({"candidates": None}, 10) == 9
     assert not ATTACKS["mifgsm"].peer("foolbox").exact and ATTACKS["mifgsm"].peer("art").exact
     with pytest.raises(ConfigError, match=r"per_attack.bim: unknown key\(s\) \['decay'\]"):
-        hyper_parameters("bim", 0.1, {"decay": 0.5})
+        hyper_parameters("bim", per_attack("bim", "+per_attack.bim.decay=0.5"))
 
 
 @pytest.mark.parametrize("override,message", [

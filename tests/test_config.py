@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from pipeline.config import CONFIG_DIR, build, flatten, validate
+from pipeline.config import CONFIG_DIR, attack_fn, build, flatten, validate
 from pipeline.errors import ConfigError
 from tests.conftest import make_config
 
@@ -39,7 +39,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         return
     net = instantiate(cfg.model.net)
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, cfg.data.num_classes)
-    attack = instantiate(cfg.attack.fn)
+    attack = attack_fn(cfg.attack)
     eps = {} if cfg.attack.eps is None else {"eps": cfg.attack.eps}
     options = {"targeted": True, "target": torch.tensor([1, 2])} if cfg.attack.targeted else {}
     if cfg.attack.name in ("lbfgs", "szegedy_sgd"):  # keep the compose check quick

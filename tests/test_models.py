@@ -9,7 +9,7 @@ import torch
 from pipeline import load_classifier
 from pipeline.errors import CheckpointError
 from pipeline.models import CNN, MLP
-from pipeline.train import checkpoint_hash, training_config
+from pipeline.models.training import checkpoint_hash, training_config
 from tests.conftest import make_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

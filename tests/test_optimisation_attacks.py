@@ -10,6 +10,7 @@ from torch import nn
 from pipeline.attacks import lbfgs, szegedy_sgd
 from pipeline.attacks.lbfgs import next_c
 from pipeline.attacks.losses import attack_loss, succeeded
+from tests.conftest import attack_params
 
 
 def _linear(weight, bias, dtype=torch.float32) -> nn.Linear:
@@ -38,7 +39,8 @@ def test_lbfgs_finds_the_closed_form_minimal_perturbation_of_a_linear_model():
     normal = model.weight[1] - model.weight[0]
     distance = (logits[:, 0] - logits[:, 1]) / normal.norm()
     info = {}
-    x_adv = lbfgs(model, x, y, target, c_steps=15, ftol=1e-7, gtol=1e-8, info=info)
+    x_adv = lbfgs(model, x, y, target, targeted=True,
+                  **attack_params("lbfgs", c_steps=15, ftol=1e-7, gtol=1e-8), info=info)
     found = (x_adv - x).norm(dim=1)
     assert (model(x_adv).argmax(1) == 1).all()
     assert (found >= distance - 1e-5).all()             # nothing closer exists
@@ -47,7 +49,7 @@ def test_lbfgs_finds_the_closed_form_minimal_perturbation_of_a_linear_model():
     assert torch.allclose(direction, (normal / normal.norm()).expand_as(direction), atol=1e-3)
     assert torch.isfinite(info["c_final"]).all()
     # the defaults (9 values of c, as AdverTorch) stop at a coarser bracket of c
-    coarse = (lbfgs(model, x, y, target) - x).norm(dim=1)
+    coarse = (lbfgs(model, x, y, target, targeted=True, **attack_params("lbfgs")) - x).norm(dim=1)
     assert (coarse >= distance - 1e-5).all() and torch.allclose(coarse, distance, rtol=0.06)
 
 
@@ -78,7 +80,8 @@ def test_lbfgs_keeps_the_smallest_successful_point_it_evaluated():
     y, target = net(x).topk(2).indices.T  # the runner-up class is reachable in the box
     for i in range(4):  # one image per call, so every recorded point belongs to it
         model = Recorder(net)
-        x_adv = lbfgs(model, x[i:i + 1], y[i:i + 1], target[i:i + 1], c_init=1.0, max_iter=30)
+        x_adv = lbfgs(model, x[i:i + 1], y[i:i + 1], target[i:i + 1], targeted=True,
+                      **attack_params("lbfgs", c_init=1.0, max_iter=30))
         distances = [(z - x[i].flatten()).norm().item() for z, p in model.seen if p == target[i]]
         assert len(distances) > 1
         assert (x_adv - x[i:i + 1]).norm().item() == pytest.approx(min(distances), abs=1e-6)
@@ -90,8 +93,10 @@ def test_each_image_is_its_own_problem(attack):
     x = torch.rand(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = model(x).argmax(1)
     target = (y + 1) % 5
-    run = {"lbfgs": lambda a, b, t: lbfgs(model, a, b, t, c_steps=4, max_iter=40),
-           "szegedy_sgd": lambda a, b, t: szegedy_sgd(model, a, b, t, steps=30)}[attack]
+    run = {"lbfgs": lambda a, b, t: lbfgs(model, a, b, t, targeted=True,
+                                          **attack_params("lbfgs", c_steps=4, max_iter=40)),
+           "szegedy_sgd": lambda a, b, t: szegedy_sgd(model, a, b, t, targeted=True,
+                                                      **attack_params("szegedy_sgd", steps=30))}[attack]
     together = run(x, y, target)
     alone = torch.cat([run(x[i:i + 1], y[i:i + 1], target[i:i + 1]) for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-9)
@@ -101,7 +106,7 @@ def test_untargeted_success_means_leaving_the_true_class(tiny_cnn):
     model, x, y = tiny_cnn
     x, y = x[:24], y[:24]
     clean = model(x).argmax(1)
-    x_adv = lbfgs(model.requires_grad_(False), x, y, targeted=False, c_steps=6)
+    x_adv = lbfgs(model.requires_grad_(False), x, y, targeted=False, **attack_params("lbfgs", c_steps=6))
     predicted = model(x_adv).argmax(1)
     right = clean == y
     assert (predicted[right] != y[right]).all()              # every clean-correct image flipped
@@ -135,7 +140,7 @@ def test_szegedy_sgd_matches_hand_computation_on_linear_model(momentum):
     x = torch.rand(10, 4, generator=torch.Generator().manual_seed(4))
     y = torch.arange(10) % 3
     target = (y + 1) % 3
-    ours = szegedy_sgd(model, x, y, target, reg=0.1, lr=0.2, steps=5, momentum=momentum)
+    ours = szegedy_sgd(model, x, y, target, targeted=True, reg=0.1, lr=0.2, steps=5, momentum=momentum)
     assert torch.allclose(ours, _sgd_by_hand(model, x, target, 0.1, 0.2, momentum, 5), atol=1e-6)
 
 
@@ -143,8 +148,9 @@ def test_szegedy_sgd_regularisation_trades_success_for_size(tiny_cnn):
     model, x, y = tiny_cnn
     x, y = x[:32], y[:32]
     target = (y + 1) % 10
-    sizes = [(szegedy_sgd(model, x, y, target, reg=reg) - x).flatten(1).norm(dim=1).mean().item()
-             for reg in (0.01, 1.0)]
+    adversarials = [szegedy_sgd(model, x, y, target, targeted=True, **attack_params("szegedy_sgd", reg=reg))
+                    for reg in (0.01, 1.0)]
+    sizes = [(adv - x).flatten(1).norm(dim=1).mean().item() for adv in adversarials]
     assert sizes[1] < sizes[0]
 
 
@@ -157,8 +163,10 @@ def test_box_and_finiteness_on_random_inputs(seed, targeted):
     x[:3] = torch.randint(0, 2, (3, 1, 4, 4), generator=g).float()  # saturated pixels
     y = torch.randint(0, 5, (12,), generator=g)
     target = (y + torch.randint(1, 5, (12,), generator=g)) % 5 if targeted else None
-    for x_adv in (lbfgs(model, x, y, target, targeted=targeted, c_steps=4, max_iter=30),
-                  szegedy_sgd(model, x, y, target, targeted=targeted, steps=20, lr=0.5)):
+    for x_adv in (lbfgs(model, x, y, target, targeted=targeted,
+                        **attack_params("lbfgs", c_steps=4, max_iter=30)),
+                  szegedy_sgd(model, x, y, target, targeted=targeted,
+                              **attack_params("szegedy_sgd", steps=20, lr=0.5))):
         assert torch.isfinite(x_adv).all() and x_adv.shape == x.shape
         assert x_adv.min() >= 0 and x_adv.max() <= 1
 
@@ -167,7 +175,7 @@ def test_targeted_attacks_need_a_target():
     model, x, y = _small_mlp(0), torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
     for attack in (lbfgs, szegedy_sgd):
         with pytest.raises(ValueError, match="target"):
-            attack(model, x, y)
+            attack(model, x, y, targeted=True, **attack_params(attack.__name__))
 
 
 def test_lbfgs_is_no_worse_than_advertorch(tiny_cnn):
@@ -182,7 +190,7 @@ def test_lbfgs_is_no_worse_than_advertorch(tiny_cnn):
     x, y = x[:8], y[:8]
     target = (y + 1) % 10
     theirs = LBFGSAttack(model, num_classes=10, targeted=True).perturb(x, target)
-    ours = lbfgs(model, x, y, target)
+    ours = lbfgs(model, x, y, target, targeted=True, **attack_params("lbfgs"))
     ok_theirs, ok_ours = model(theirs).argmax(1) == target, model(ours).argmax(1) == target
     assert ok_ours.sum() >= ok_theirs.sum()
     both = ok_theirs & ok_ours

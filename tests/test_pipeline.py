@@ -119,7 +119,7 @@ def exploding_attack(model, x, y, eps, **kwargs):
 
 def test_failure_inside_a_job_marks_the_run_failed(mnist_root, store, tmp_path):
     cfg = make_config(small_overrides(
-        tmp_path, "attack.fn._target_=tests.test_pipeline.exploding_attack"))
+        tmp_path, "attack.function=tests.test_pipeline.exploding_attack"))
     with pytest.raises(RuntimeError, match="blew up"):
         run(cfg)
     (failed,) = _runs(store, "mnist")

@@ -26,7 +26,7 @@ from pipeline.papers.published import (
     report_text,
 )
 from pipeline.papers.published import main as published_main
-from tests.conftest import all_runs, make_config, small_overrides
+from tests.conftest import all_runs, attack_params, make_config, small_overrides
 
 # every measurement on a few images with few steps: seconds on a tiny CNN
 TINY = ["cw.n=2", "cw.steps=40", "cw.lr=0.1", "cw.binary_steps=2", "cw.c_init=1.0",
@@ -117,7 +117,7 @@ def test_bim_bisection_stays_within_each_images_radius(tiny_cnn):
     model, x, y = tiny_cnn
     x, y = x[:6], y[:6]
     radius = torch.linspace(0.05, 0.3, 6).view(-1, 1, 1, 1)  # bim takes one radius per image
-    adv = bim(model, x, y, eps=radius, steps=5, targeted=True, target=(y + 1) % 10)
+    adv = bim(model, x, y, eps=radius, **attack_params("bim", steps=5), targeted=True, target=(y + 1) % 10)
     assert (linf(adv - x) <= radius.flatten() + 1e-6).all()
     distance, success = bim_smallest(model, x, y, (y + 1) % 10, {
         "eps_max": 0.5, "bisection_steps": 4, "steps": 5, "alpha_scale": 2.5})

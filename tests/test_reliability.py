@@ -57,7 +57,7 @@ def test_stop_signal_marks_the_run_killed_and_the_process_exits(sig, mnist_root,
     the sweep's parent KILLED, with exit status 128 + the signal's number."""
     monkeypatch.setenv("STOP_SIGNAL", str(int(sig)))
     monkeypatch.setattr(sys, "argv", ["pipeline", *small_overrides(tmp_path, "n_eval=64", "cpu_workers=1"),
-                                      "attack.fn._target_=tests.test_reliability.self_stopping_fgsm",
+                                      "attack.function=tests.test_reliability.self_stopping_fgsm",
                                       "eps=0.05,0.1", "-m"])
     from pipeline.cli import entrypoint
 

@@ -1,4 +1,9 @@
-"""Attacks as pure torch functions: `attack(model, x, y, **params) -> x_adv`, images in [0,1]."""
+"""Attacks as pure torch functions: `attack(model, x, y, **params) -> x_adv`, images in [0,1].
+
+Hyper-parameters are keyword-only and have no defaults here: their defaults are the flat keys of
+conf/attack/<name>.yaml (`pipeline.config.attack_defaults(name)` reads them without Hydra, e.g.
+`pgd(model, x, y, 0.1, **attack_defaults("pgd"))`). `targeted` is False unless given.
+"""
 
 from pipeline.attacks.cw import cw_l2
 from pipeline.attacks.deepfool import deepfool

@@ -26,8 +26,8 @@ def _adam(w: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, var: torch.Te
 
 
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool = False,
-          target: torch.Tensor | None = None, confidence: float = 0.0, c_init: float = 1e-3,
-          binary_steps: int = 9, steps: int = 1000, lr: float = 0.01, abort_early: bool = True,
+          target: torch.Tensor | None = None, *, confidence: float, c_init: float,
+          binary_steps: int, steps: int, lr: float, abort_early: bool,
           info: dict | None = None) -> torch.Tensor:
     """Minimise ||x' − x||² + c·max(m, −κ) with x' = (tanh(w) + 1)/2, so x' is always in [0,1];
     m = max_{j≠t} Z_j − Z_t towards target t (targeted) or Z_y − max_{j≠y} Z_j (untargeted),

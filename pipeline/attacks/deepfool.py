@@ -24,8 +24,8 @@ def _differences(model: nn.Module, z: torch.Tensor, classes: torch.Tensor
     return logits.detach(), f.detach(), grads.transpose(0, 1)
 
 
-def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
-             overshoot: float = 0.02, candidates: int | None = 10, targeted: bool = False,
+def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+             overshoot: float, candidates: int | None, targeted: bool = False,
              target: torch.Tensor | None = None, info: dict | None = None) -> torch.Tensor:
     """Untargeted L2 DeepFool on a batch, all images and candidate classes at once.
 

@@ -18,6 +18,15 @@ from torch import nn
 from pipeline.attacks.losses import succeeded
 from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, project, random_point
 
+# alpha None: the step size as a multiple of eps/steps
+PGD_STEP = 2.5  # Madry et al.
+BIM_STEP = 1.0  # bim and mifgsm: the steps together just reach the ball's edge
+
+
+def default_alpha(factor: float, eps, steps: int):
+    """The step size `factor`·eps/steps (eps a float or one radius per image)."""
+    return factor * eps / max(steps, 1)
+
 
 def _loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor, targeted: bool,
           target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +68,14 @@ def _check(targeted: bool, target, steps: int, restarts: int) -> None:
 
 
 @per_eps
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
-        alpha: float | None = None, steps: int = 40, random_start: bool = True, restarts: int = 1,
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str,
+        alpha: float | None, steps: int, random_start: bool, restarts: int,
         targeted: bool = False, target: torch.Tensor | None = None,
         seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient descent in the `norm` ball of radius `eps` ("linf" or "l2").
 
     Each restart starts from a random point of the ball (`random_start`; else from x) and takes
-    `steps` steps of size `alpha` (default 2.5·eps/steps, Madry et al.): the gradient's sign for
+    `steps` steps of size `alpha` (None: PGD_STEP·eps/steps, Madry et al.): the gradient's sign for
     Linf, the gradient scaled to unit L2 norm for L2. With several restarts each image keeps its
     own worst case: a successful restart over a failed one, then the higher loss — so adding
     restarts never makes an image's result worse. `seeds` (one int per image) makes the random
@@ -74,7 +83,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     """
     check_norm(norm)
     _check(targeted, target, steps, restarts)
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
+    alpha = default_alpha(PGD_STEP, eps, steps) if alpha is None else alpha
     x = x.detach()
     best = best_success = best_loss = None
     for restart in range(restarts):
@@ -96,25 +105,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 
 
 @per_eps
-def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
-        alpha: float | torch.Tensor | None = None,
-        steps: int = 10, targeted: bool = False, target: torch.Tensor | None = None) -> torch.Tensor:
+def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+        alpha: float | torch.Tensor | None, steps: int, targeted: bool = False,
+        target: torch.Tensor | None = None) -> torch.Tensor:
     """Basic iterative method (iterative FGSM): from x, `steps` signed-gradient steps of size
-    `alpha` (default eps/steps), each projected onto the Linf ball of radius eps and [0,1] —
-    PGD without a random start."""
+    `alpha` (None: BIM_STEP·eps/steps), each projected onto the Linf ball of radius eps and [0,1]
+    — PGD without a random start."""
     _check(targeted, target, steps, 1)
-    alpha = eps / max(steps, 1) if alpha is None else alpha
+    alpha = default_alpha(BIM_STEP, eps, steps) if alpha is None else alpha
     return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target)
 
 
 @per_eps
-def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
-           alpha: float | torch.Tensor | None = None,
-           steps: int = 10, decay: float = 1.0, targeted: bool = False,
+def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+           alpha: float | torch.Tensor | None, steps: int, decay: float, targeted: bool = False,
            target: torch.Tensor | None = None) -> torch.Tensor:
     """Momentum iterative FGSM: g ← ∇/mean|∇| + decay·g, then a signed step of size `alpha`
-    (default eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
+    (None: BIM_STEP·eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
     _check(targeted, target, steps, 1)
-    alpha = eps / max(steps, 1) if alpha is None else alpha
+    alpha = default_alpha(BIM_STEP, eps, steps) if alpha is None else alpha
     return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target,
                    decay=decay)

@@ -124,9 +124,8 @@ def next_c(c: torch.Tensor, low: torch.Tensor, high: torch.Tensor, success: torc
 
 
 def lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None,
-          targeted: bool = True, c_init: float = 1.0, c_steps: int = 9, max_iter: int = 100,
-          history: int = 10, ftol: float = 3e-4, gtol: float = 1e-5, warm_start: bool = True,
-          info: dict | None = None) -> torch.Tensor:
+          targeted: bool = False, *, c_init: float, c_steps: int, max_iter: int, history: int,
+          ftol: float, gtol: float = 1e-5, warm_start: bool, info: dict | None = None) -> torch.Tensor:
     """The smallest-L2 adversarial found for each image (the image itself where none was found).
 
     Targeted: the loss is cross-entropy towards `target`; untargeted: −log(1 − p_y), success

@@ -9,8 +9,8 @@ from pipeline.attacks.losses import attack_loss
 
 
 def szegedy_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None,
-                targeted: bool = True, reg: float = 0.01, lr: float = 0.05, steps: int = 100,
-                momentum: float = 0.9) -> torch.Tensor:
+                targeted: bool = False, *, reg: float, lr: float, steps: int,
+                momentum: float) -> torch.Tensor:
     """Minimise loss(f(clip(x + r))) + reg·||r||² over r by SGD (heavy-ball momentum), keeping
     x + r in [0,1] after every step; return clip(x + r) after `steps` steps.
 

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.bench import report as rep
-from pipeline.bench.implementations import ATTACKS, RUN_KEYS, Setup, hyper_parameters
+from pipeline.bench.implementations import ATTACKS, RUN_KEYS, Setup, configure, hyper_parameters
 from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, training
 from pipeline.config import build
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
+from pipeline.models.training import checkpoint_for
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.tracking.store import Tracker, provenance_tags
-from pipeline.train import checkpoint_for
 
 SECTIONS = ("attacks", "eps_list", "training", "end_to_end")
 
@@ -35,9 +34,9 @@ def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
         raise ConfigError(f"unknown section(s) {bad_sections}; choose from {list(SECTIONS)}")
     checks = [(key, cfg[key], upper) for key, upper in
               (("n", test_set_size), ("batch_size", None), ("repeats", None))]
-    for name in cfg.attacks:  # per_attack: image counts, repeats and hyper-parameters
+    for name in cfg.attacks:  # per_attack: the attack's config, image counts and repeats
         own = _per_attack(cfg, name)
-        hyper_parameters(name, cfg.eps, own)
+        hyper_parameters(name, own)
         checks += [(f"per_attack.{name}.{key}", own[key], None) for key in RUN_KEYS if key in own]
     for key, value, upper in checks:
         if not isinstance(value, int) or value <= 0 or (upper and value > upper):
@@ -49,9 +48,13 @@ def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
     return device
 
 
-def _per_attack(cfg: DictConfig, name: str) -> dict:
+def _per_attack(cfg: DictConfig, name: str) -> DictConfig:
+    """conf/attack/<name>.yaml with conf/bench.yaml's per_attack.<name> over it."""
     own = cfg.per_attack.get(name)
-    return OmegaConf.to_container(own, resolve=True) if own is not None else {}
+    if own is None:
+        raise ConfigError(f"per_attack.{name} is missing: conf/bench.yaml composes every attack "
+                          f"under per_attack (attack@per_attack.{name}: {name})")
+    return own
 
 
 def run_bench(cfg: DictConfig) -> dict:
@@ -90,10 +93,7 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
         for name in cfg.attacks:  # slow attacks use fewer images and repeats: n and repeats cap them
             own = _per_attack(cfg, name)
             n, repeats = own.get("n", cfg.n), min(own.get("repeats", cfg.repeats), cfg.repeats)
-            params = hyper_parameters(name, cfg.eps, own)
-            report["attacks"] += attack_rows(
-                name, replace(setup, eps=params.get("eps", setup.eps), params=params),
-                x[:n], y[:n], repeats)
+            report["attacks"] += attack_rows(name, configure(setup, name, own), x[:n], y[:n], repeats)
     if "eps_list" in sections:
         report["eps_list"] = eps_list_row(setup, list(cfg.eps_list), x, y, cfg.repeats)
     if "training" in sections:

@@ -5,22 +5,25 @@ run them as one call per batch and as the attack step runs them on CPU (split ov
 Every peer maker returns a function over all images, batching as its library is normally
 used (ART batches internally, the others take one batch a call).
 
-Ours and every peer of an attack read the same hyper-parameters, `setup.params`: the attack's
-`params` below with the overrides of conf/bench.yaml's `per_attack` (see `hyper_parameters`).
+Each attack runs as `per_attack.<name>` of conf/bench.yaml describes it: conf/attack/<name>.yaml
+with the few settings the benchmark deliberately runs differently (see `configure`). Ours gets
+every hyper-parameter of that config; the peers get `setup.params`, the ones they share with ours
+(an attack's `shared` below), the same values for every implementation.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.attacks import bim, cw_l2, deepfool, fgsm, lbfgs, mifgsm, pgd, szegedy_sgd
+from pipeline.attacks.iterative import BIM_STEP, PGD_STEP, default_alpha
 from pipeline.bench.measure import over_batches
-from pipeline.errors import ConfigError
+from pipeline.config import attack_function, attack_kwargs
 from pipeline.parallel import CoreSplit
 
 Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,7 +38,12 @@ class Setup:
     input_shape: tuple      # (C, H, W)
     num_classes: int
     split: CoreSplit | None = None  # how the attack step runs batches on this CPU, if split
-    params: dict = field(default_factory=dict)  # the attack's hyper-parameters, eps included
+    params: dict = field(default_factory=dict)  # the hyper-parameters ours shares with every peer,
+                                                # eps included
+    hyper: dict = field(default_factory=dict)   # every hyper-parameter of ours (the shared ones as
+                                                # in params), eps left out
+    attack: Callable | None = None  # our attack function
+    targeted: bool = False          # targeted attacks aim at next_class
 
 
 def next_class(y: torch.Tensor, s: Setup) -> torch.Tensor:
@@ -45,48 +53,14 @@ def next_class(y: torch.Tensor, s: Setup) -> torch.Tensor:
 
 # ---- ours -----------------------------------------------------------------------------------
 
-def ours_fgsm(s: Setup) -> Run:
-    return lambda x, y: fgsm(s.model, x, y, s.eps)
+def ours(s: Setup) -> Run:
+    """Our attack on a batch, with every hyper-parameter of its config."""
+    eps = {"eps": s.params["eps"]} if "eps" in s.params else {}
 
-
-def ours_lbfgs(s: Setup) -> Run:
-    return lambda x, y: lbfgs(s.model, x, y, next_class(y, s))
-
-
-def ours_szegedy_sgd(s: Setup) -> Run:
-    return lambda x, y: szegedy_sgd(s.model, x, y, next_class(y, s))
-
-
-def ours_bim(s: Setup) -> Run:
-    p = s.params
-    return lambda x, y: bim(s.model, x, y, p["eps"], alpha=p["alpha"], steps=p["steps"])
-
-
-def ours_pgd(norm: str) -> Callable[[Setup], Run]:
-    def make(s: Setup) -> Run:
-        p = s.params
-        return lambda x, y: pgd(s.model, x, y, p["eps"], norm=norm, alpha=p["alpha"],
-                                steps=p["steps"], random_start=p["random_start"])
-    return make
-
-
-def ours_mifgsm(s: Setup) -> Run:
-    p = s.params
-    return lambda x, y: mifgsm(s.model, x, y, p["eps"], alpha=p["alpha"], steps=p["steps"],
-                               decay=p["decay"])
-
-
-def ours_cw_l2(s: Setup) -> Run:
-    p = s.params
-    return lambda x, y: cw_l2(s.model, x, y, confidence=p["confidence"], c_init=p["c_init"],
-                              binary_steps=p["binary_steps"], steps=p["steps"], lr=p["lr"],
-                              abort_early=p["abort_early"])
-
-
-def ours_deepfool(s: Setup) -> Run:
-    p = s.params
-    return lambda x, y: deepfool(s.model, x, y, steps=p["steps"], overshoot=p["overshoot"],
-                                 candidates=p["candidates"])
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = next_class(y, s) if s.targeted else None
+        return s.attack(s.model, x, y, **eps, **s.hyper, targeted=s.targeted, target=target)
+    return run
 
 
 # ---- torchattacks: one batch a call -----------------------------------------------------------
@@ -105,15 +79,13 @@ def torchattacks_bim(s: Setup) -> Run:
                         s.batch_size)
 
 
-def torchattacks_pgd(norm: str) -> Callable[[Setup], Run]:
-    def make(s: Setup) -> Run:
-        import torchattacks
+def torchattacks_pgd(s: Setup) -> Run:
+    import torchattacks
 
-        p = s.params
-        kind = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
-        return over_batches(kind(s.model, eps=p["eps"], alpha=p["alpha"], steps=p["steps"],
-                                 random_start=p["random_start"]), s.batch_size)
-    return make
+    p = s.params
+    kind = torchattacks.PGD if s.hyper["norm"] == "linf" else torchattacks.PGDL2
+    return over_batches(kind(s.model, eps=p["eps"], alpha=p["alpha"], steps=p["steps"],
+                             random_start=p["random_start"]), s.batch_size)
 
 
 def torchattacks_mifgsm(s: Setup) -> Run:
@@ -169,15 +141,13 @@ def foolbox_bim(s: Setup) -> Run:
     return _foolbox(s, attack, p["eps"])
 
 
-def foolbox_pgd(norm: str) -> Callable[[Setup], Run]:
-    def make(s: Setup) -> Run:
-        import foolbox
+def foolbox_pgd(s: Setup) -> Run:
+    import foolbox
 
-        p = s.params
-        kind = foolbox.attacks.LinfPGD if norm == "linf" else foolbox.attacks.L2PGD
-        attack = kind(abs_stepsize=p["alpha"], steps=p["steps"], random_start=p["random_start"])
-        return _foolbox(s, attack, p["eps"])
-    return make
+    p = s.params
+    kind = foolbox.attacks.LinfPGD if s.hyper["norm"] == "linf" else foolbox.attacks.L2PGD
+    attack = kind(abs_stepsize=p["alpha"], steps=p["steps"], random_start=p["random_start"])
+    return _foolbox(s, attack, p["eps"])
 
 
 def foolbox_mifgsm(s: Setup) -> Run:
@@ -252,17 +222,15 @@ def art_bim(s: Setup) -> Run:
                                                   batch_size=s.batch_size, verbose=False))
 
 
-def art_pgd(norm: str) -> Callable[[Setup], Run]:
-    def make(s: Setup) -> Run:
-        import numpy as np
-        from art.attacks.evasion import ProjectedGradientDescent
+def art_pgd(s: Setup) -> Run:
+    import numpy as np
+    from art.attacks.evasion import ProjectedGradientDescent
 
-        p = s.params
-        return _art(s, lambda c: ProjectedGradientDescent(
-            c, norm=np.inf if norm == "linf" else 2, eps=p["eps"], eps_step=p["alpha"],
-            max_iter=p["steps"], num_random_init=int(p["random_start"]), batch_size=s.batch_size,
-            verbose=False))
-    return make
+    p = s.params
+    return _art(s, lambda c: ProjectedGradientDescent(
+        c, norm=np.inf if s.hyper["norm"] == "linf" else 2, eps=p["eps"], eps_step=p["alpha"],
+        max_iter=p["steps"], num_random_init=int(p["random_start"]), batch_size=s.batch_size,
+        verbose=False))
 
 
 def art_mifgsm(s: Setup) -> Run:
@@ -307,8 +275,9 @@ def advertorch_fgsm(s: Setup) -> Run:
 def advertorch_lbfgs(s: Setup) -> Run:
     # 9 values of c, 100 L-BFGS-B iterations each (its defaults); scipy solves the batch as one
     # float64 problem on the CPU
-    attack = _import_advertorch().LBFGSAttack(s.model, num_classes=s.num_classes, targeted=True)
-    return over_batches(lambda x, y: attack.perturb(x, next_class(y, s)), s.batch_size)
+    attack = _import_advertorch().LBFGSAttack(s.model, num_classes=s.num_classes, targeted=s.targeted)
+    return over_batches(lambda x, y: attack.perturb(x, next_class(y, s) if s.targeted else y),
+                        s.batch_size)
 
 
 # ---- the registry ------------------------------------------------------------------------------
@@ -324,25 +293,23 @@ class Peer:
 
 @dataclass
 class Attack:
-    ours: Callable[[Setup], Run]         # per batch
-    floor_passes: int | str | None       # forward+backward passes per image it cannot avoid;
-                                         # "steps": params["steps"]; None: as many as ours was
+    floor_passes: int | str | None      # forward+backward passes per image it cannot avoid;
+                                         # "steps": its `steps`; None: as many as ours was
                                          # counted to make
     peers: dict[str, Callable[[Setup], Run] | Peer] = field(default_factory=dict)
-    targeted: bool = False               # targeted attacks aim at next_class
     exact: bool = True                   # a correct peer gives the same adversarials
-    params: dict = field(default_factory=dict)  # hyper-parameters of ours and every peer; eps None:
-                                                # the config's eps; alpha None: alpha_factor·eps/steps
+    shared: tuple[str, ...] = ()         # the hyper-parameters every peer is given too (eps: the
+                                         # attack config's eps; alpha None: alpha_factor·eps/steps)
     alpha_factor: float | None = None    # ours' default step size, given to every peer explicitly
     jacobian: bool = False               # each counted pass is a forward and the gradients of the
                                          # candidates' logits (one batched backward), not one gradient
 
-    def floor(self, params: Mapping) -> int | None:
-        return params["steps"] if self.floor_passes == "steps" else self.floor_passes
+    def floor(self, hyper: Mapping) -> int | None:
+        return hyper["steps"] if self.floor_passes == "steps" else self.floor_passes
 
-    def jacobian_rows(self, params: Mapping, num_classes: int) -> int | None:
+    def jacobian_rows(self, hyper: Mapping, num_classes: int) -> int | None:
         """Logit gradients per pass of a Jacobian floor: DeepFool's candidates but the first."""
-        return min(params["candidates"] or num_classes, num_classes) - 1 if self.jacobian else None
+        return min(hyper["candidates"] or num_classes, num_classes) - 1 if self.jacobian else None
 
     def peer(self, name: str) -> Peer:
         peer = self.peers[name]
@@ -353,37 +320,32 @@ class Attack:
 PEER_PACKAGES = {"torchattacks": "torchattacks", "foolbox": "foolbox",
                  "art": "adversarial-robustness-toolbox", "advertorch": "advertorch"}
 
-LINF_ITERATIVE = {"eps": None, "alpha": None, "steps": 10}
+LINF_ITERATIVE = ("eps", "alpha", "steps")
+PGD_PEERS = {"torchattacks": torchattacks_pgd, "foolbox": foolbox_pgd, "art": art_pgd}
 
 ATTACKS = {
-    "fgsm": Attack(ours_fgsm, floor_passes=1, params={"eps": None}, peers={
+    "fgsm": Attack(floor_passes=1, shared=("eps",), peers={
         "torchattacks": torchattacks_fgsm, "foolbox": foolbox_fgsm,
         "art": art_fgsm, "advertorch": advertorch_fgsm}),
-    "szegedy_sgd": Attack(ours_szegedy_sgd, floor_passes=100, targeted=True),  # its 100 steps
-    "lbfgs": Attack(ours_lbfgs, floor_passes=None, targeted=True, exact=False,
-                    peers={"advertorch": advertorch_lbfgs}),
-    # PGD starts from x (random_start False) in ours and every peer, as BIM and MI-FGSM do, so
-    # that the adversarials can be compared image by image; with random_start True each library
-    # draws its own starts and no peer is exact
-    "bim": Attack(ours_bim, floor_passes="steps", params=dict(LINF_ITERATIVE), alpha_factor=1.0,
+    "szegedy_sgd": Attack(floor_passes="steps"),  # one fwd+bwd per step
+    "lbfgs": Attack(floor_passes=None, exact=False, peers={"advertorch": advertorch_lbfgs}),
+    # PGD starts from x (random_start false in conf/bench.yaml) in ours and every peer, as BIM and
+    # MI-FGSM do, so that the adversarials can be compared image by image; with random_start true
+    # each library draws its own starts and no peer is exact
+    "bim": Attack(floor_passes="steps", shared=LINF_ITERATIVE, alpha_factor=BIM_STEP,
                   peers={"torchattacks": torchattacks_bim, "foolbox": foolbox_bim, "art": art_bim}),
-    "pgd": Attack(ours_pgd("linf"), floor_passes="steps", alpha_factor=2.5,
-                  params={**LINF_ITERATIVE, "steps": 40, "random_start": False},
-                  peers={"torchattacks": torchattacks_pgd("linf"), "foolbox": foolbox_pgd("linf"),
-                         "art": art_pgd("linf")}),
-    "pgd_l2": Attack(ours_pgd("l2"), floor_passes="steps", alpha_factor=2.5,
-                     params={"eps": 1.5, "alpha": None, "steps": 40, "random_start": False},
-                     peers={"torchattacks": torchattacks_pgd("l2"), "foolbox": foolbox_pgd("l2"),
-                            "art": art_pgd("l2")}),
-    "mifgsm": Attack(ours_mifgsm, floor_passes="steps", params={**LINF_ITERATIVE, "decay": 1.0},
-                     alpha_factor=1.0, peers={
+    "pgd": Attack(floor_passes="steps", alpha_factor=PGD_STEP, shared=(*LINF_ITERATIVE, "random_start"),
+                  peers=PGD_PEERS),
+    "pgd_l2": Attack(floor_passes="steps", alpha_factor=PGD_STEP,
+                     shared=(*LINF_ITERATIVE, "random_start"), peers=PGD_PEERS),
+    "mifgsm": Attack(floor_passes="steps", shared=(*LINF_ITERATIVE, "decay"),
+                     alpha_factor=BIM_STEP, peers={
                          "torchattacks": torchattacks_mifgsm,
                          "foolbox": Peer(foolbox_mifgsm, exact=False,
                                          note="momentum over gradient signs, not L1-normalised gradients"),
                          "art": art_mifgsm}),
-    "cw_l2": Attack(ours_cw_l2, floor_passes=None, params={
-        "confidence": 0.0, "c_init": 1e-3, "binary_steps": 9, "steps": 1000, "lr": 0.01,
-        "abort_early": True}, peers={
+    "cw_l2": Attack(floor_passes=None, shared=(
+        "confidence", "c_init", "binary_steps", "steps", "lr", "abort_early"), peers={
             "torchattacks": Peer(torchattacks_cw_l2, exact=False, same_work=False,
                                  note=f"fixed c={TORCHATTACKS_CW_C:g}: no search over c"),
             # the same algorithm (Adam, the same search over c), but abort_early stops a whole
@@ -396,8 +358,7 @@ ATTACKS = {
             # 0.01 stop at 0.16, under the c ≈ 0.3 most images need. At c_init 1e-3, lr 0.01 it ran
             # 0.1 img/s (a busy 2-core VM) and fooled 0 of 50 images
         }),
-    "deepfool": Attack(ours_deepfool, floor_passes=None, jacobian=True, params={
-        "steps": 50, "overshoot": 0.02, "candidates": 10}, peers={
+    "deepfool": Attack(floor_passes=None, jacobian=True, shared=("steps", "overshoot", "candidates"), peers={
             # no 1e-4 push past the boundary and an overshoot that shrinks with the step: about
             # half the images of our CNN end exactly on a decision boundary (margin ≤ 2e-6), not
             # across it, after all 50 steps (torchattacks 3.5.1)
@@ -408,20 +369,27 @@ ATTACKS = {
                         note="overshoot once at the end; no labels (predicted class)")}),
 }
 
-RUN_KEYS = ("n", "repeats")  # per_attack keys that are not hyper-parameters
+RUN_KEYS = ("n", "repeats")  # per_attack keys of the benchmark itself, not of the attack
 
 
-def hyper_parameters(name: str, eps: float, overrides: Mapping) -> dict:
-    """The hyper-parameters of attack `name`: its defaults with `overrides` (per_attack in
-    conf/bench.yaml, less n and repeats), eps None → `eps`, alpha None → alpha_factor·eps/steps."""
+def hyper_parameters(name: str, attack_cfg: DictConfig | Mapping) -> dict:
+    """The hyper-parameters attack `name` gives ours and every peer alike: its `shared` keys of
+    `attack_cfg` (per_attack.<name> of conf/bench.yaml), eps as a float, alpha None →
+    alpha_factor·eps/steps. A key the attack's function does not take is a ConfigError."""
     attack = ATTACKS[name]
-    unknown = sorted(set(overrides) - set(attack.params) - set(RUN_KEYS))
-    if unknown:
-        raise ConfigError(f"per_attack.{name}: unknown key(s) {unknown}; choose from "
-                          f"{sorted([*attack.params, *RUN_KEYS])}")
-    params = {**attack.params, **{k: v for k, v in overrides.items() if k not in RUN_KEYS}}
-    if "eps" in params:
-        params["eps"] = float(eps if params["eps"] is None else params["eps"])
+    kwargs = attack_kwargs(attack_cfg, f"per_attack.{name}", RUN_KEYS)
+    params = {key: float(attack_cfg["eps"]) if key == "eps" else kwargs[key] for key in attack.shared}
     if params.get("alpha", 0) is None:
-        params["alpha"] = attack.alpha_factor * params["eps"] / params["steps"]
+        params["alpha"] = default_alpha(attack.alpha_factor, params["eps"], params["steps"])
     return params
+
+
+def configure(setup: Setup, name: str, attack_cfg: DictConfig | Mapping) -> Setup:
+    """`setup` for attack `name` as `attack_cfg` (per_attack.<name> of conf/bench.yaml) has it: the
+    shared hyper-parameters for every implementation, the rest of its config for ours."""
+    params = hyper_parameters(name, attack_cfg)
+    hyper = {**attack_kwargs(attack_cfg, f"per_attack.{name}", RUN_KEYS),
+             **{key: value for key, value in params.items() if key != "eps"}}
+    return replace(setup, eps=params.get("eps", setup.eps), params=params, hyper=hyper,
+                   attack=attack_function(attack_cfg, f"per_attack.{name}"),
+                   targeted=bool(attack_cfg["targeted"]))

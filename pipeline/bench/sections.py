@@ -10,13 +10,12 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.attack_step import PassCounter
 from pipeline.attacks import fgsm
 from pipeline.attacks.losses import succeeded
-from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Attack, Setup, next_class
+from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Setup, next_class, ours
 from pipeline.bench.measure import (
     Batch,
     forward,
@@ -26,8 +25,9 @@ from pipeline.bench.measure import (
     over_batches,
 )
 from pipeline.config import PROJECT_ROOT, build
+from pipeline.metrics import l2
+from pipeline.models.training import checkpoint_for
 from pipeline.tracking.store import Tracker
-from pipeline.train import checkpoint_for
 
 OURS = "advex-pipeline"
 
@@ -53,12 +53,12 @@ def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
     return lambda x, y: setup.split(fn, x, y)
 
 
-def _outcome(setup: Setup, attack: Attack, x, y, x_adv, clean_correct) -> dict:
+def _outcome(setup: Setup, x, y, x_adv, clean_correct) -> dict:
     """Adversarial accuracy, success rate (over clean-correct images) and mean L2 of successes."""
     logits = over_batches(forward(setup.model), setup.batch_size)(x_adv, y)
-    target = next_class(y, setup) if attack.targeted else None
-    success = succeeded(logits, y, attack.targeted, target) & clean_correct
-    distance = (x_adv - x).flatten(1).norm(dim=1)
+    target = next_class(y, setup) if setup.targeted else None
+    success = succeeded(logits, y, setup.targeted, target) & clean_correct
+    distance = l2(x_adv - x)
     return {"adv_accuracy": (logits.argmax(1) == y).float().mean().item(),
             "success_rate": success.sum().item() / max(clean_correct.sum().item(), 1),
             "l2_mean": distance[success].mean().item() if success.any() else float("nan")}
@@ -73,9 +73,9 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
     split over the cores) and as plain calls; each is compared with the floor run the same way.
     Warm-up calls use the first `warmup_images` images; the timed calls give the outputs."""
     attack, bs = ATTACKS[name], setup.batch_size
-    ours = attack.ours(setup)
-    floor_passes = attack.floor(setup.params)
-    jacobian_rows = attack.jacobian_rows(setup.params, setup.num_classes)
+    our_run = ours(setup)
+    floor_passes = attack.floor(setup.hyper)
+    jacobian_rows = attack.jacobian_rows(setup.hyper, setup.num_classes)
     if jacobian_rows:  # a counted pass of ours is a forward and a batched backward of that many rows
         floor = forward_jacobian(setup.model, jacobian_rows)
         floor_name = f"floor: fwd + {jacobian_rows}-logit Jacobian, as many as counted in ours"
@@ -86,11 +86,11 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
     rows = []  # (key, label, role, run over all images, floor key)
     if setup.split is not None:
         cores = f"split over {setup.split.workers} cores"
-        rows += [("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, ours), "floor_split"),
+        rows += [("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, our_run), "floor_split"),
                  ("floor_split", f"{floor_name} ({cores})", "floor", _as_attack_step(setup, floor),
                   "floor_split")]
     rows += [("ours_one_call" if setup.split else "ours", f"{OURS} (one call per batch)", "ours",
-              ours, "floor"), ("floor", floor_name, "floor", floor, "floor")]
+              our_run, "floor"), ("floor", floor_name, "floor", floor, "floor")]
     missing, specs = [], {peer: attack.peer(peer) for peer in attack.peers}
     for peer, spec in specs.items():
         try:
@@ -129,7 +129,7 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
     fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer" and specs[key].same_work),
                        default=float("nan"))
     clean_correct = over_batches(forward(setup.model), bs)(x, y).argmax(1) == y
-    outcome = {key: _outcome(setup, attack, x, y, outputs[key], clean_correct)
+    outcome = {key: _outcome(setup, x, y, outputs[key], clean_correct)
                for key, _, role, _, _ in rows if role != "floor"}
 
     table = []
@@ -207,7 +207,7 @@ def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
     accelerator = "gpu" if cfg.device.startswith("cuda") else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        MlflowClient(uri).search_experiments()  # create the store now: users' stores already exist
+        Tracker(uri).all_runs()  # create the store now: users' stores already exist
         command = [sys.executable, "-m", "pipeline", *sweep, f"n_eval={cfg.end_to_end.n_eval}",
                    "trainer.enable_progress_bar=false", f"trainer.accelerator={accelerator}",
                    f"paths.outputs={tmp}", f"paths.data={cfg.paths.data}",
@@ -218,8 +218,7 @@ def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
         wall = time.time() - launched
         if done.returncode != 0:
             raise RuntimeError(f"sweep failed: {done.stderr.strip().splitlines()[-1:]}")
-        client = MlflowClient(uri)
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        runs = Tracker(uri).all_runs()
     parent = next(r for r in runs if r.data.tags.get("stage") == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 

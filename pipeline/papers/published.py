@@ -8,9 +8,11 @@ their attacks on MNIST and prints their numbers next to ours:
 - Moosavi-Dezfooli et al. 2016 (DeepFool), Table 1, LeNet: rho_adv = mean ||r||2 / ||x||2 of
   DeepFool, FGSM (at the smallest eps that fools each image) and L-BFGS.
 
-Each measurement uses the first `n` MNIST test images the model classifies correctly (conf/
-published.yaml). The table goes to stdout, to outputs/published/<date>_<time>.{md,json} and to a
-run of the MLflow experiment `published`.
+Each measurement uses the first `n` MNIST test images the model classifies correctly, and its
+attack's hyper-parameters as conf/attack/<name>.yaml sets them, with the deviations and the keys of
+its own that conf/published.yaml states (each section of it composes an attack config). The table
+goes to stdout, to outputs/published/<date>_<time>.{md,json} and to a run of the MLflow
+experiment `published`.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.attacks import bim, cw_l2, deepfool, fgsm, lbfgs
 from pipeline.cli import entrypoint, exit_on_user_error
-from pipeline.config import CONFIG_DIR, build, flatten, validate
+from pipeline.config import CONFIG_DIR, attack_kwargs, build, flatten, validate
 from pipeline.errors import ConfigError
 from pipeline.metrics import l2, linf
 from pipeline.models import load_classifier
+from pipeline.models.training import checkpoint_for
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.tracking.store import Tracker, provenance_tags
-from pipeline.train import checkpoint_for
 
 SECTIONS = ("cw", "deepfool", "lbfgs", "fgsm", "bim")
 CW_2017 = "C&W 2017, Table IV"
@@ -52,6 +54,12 @@ ROWS = [
     (DEEPFOOL_2016, "L-BFGS", "rho_adv", (0.25,), "lbfgs", ("rho_adv",)),
 ]
 CHUNK = 256  # images per call where an attack holds many candidates per image (fgsm's eps grid)
+# each section's settings: these keys of its own (or run keys it reads), and its attack's
+# hyper-parameters (conf/attack/<name>.yaml with conf/published.yaml's deviations) but those the
+# measurement sets itself (bim's step size: alpha_scale·eps/steps at every eps tried)
+OWN_KEYS = {"cw": ("n",), "deepfool": ("n",), "lbfgs": ("n", "targeted"),
+            "fgsm": ("n", "eps_step", "eps_max"), "bim": ("n", "alpha_scale", "bisection_steps", "eps_max")}
+SET_HERE = {"bim": ("alpha",)}
 
 
 # ---------------------------------------------------------------- helpers
@@ -130,7 +138,7 @@ def measure_lbfgs(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     def attack(a, b, t):
         return lbfgs(model, a, b, target=t, targeted=targeted, c_init=s["c_init"],
                      c_steps=s["c_steps"], max_iter=s["max_iter"], history=s["history"],
-                     ftol=s["ftol"])
+                     ftol=s["ftol"], warm_start=s["warm_start"])
 
     adv = _call(split, attack, x, y, target)
     pred = predict(model, adv)
@@ -293,11 +301,16 @@ def report_text(results: dict, settings: dict, model_name: str, info: dict, comm
 # ---------------------------------------------------------------- the command
 
 def _settings(cfg: DictConfig, test_size: int) -> dict:
-    settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in SECTIONS}
-    for name, s in settings.items():
-        n = s["n"]
+    """{section: its settings}: the keys of OWN_KEYS, then its attack's hyper-parameters."""
+    settings = {}
+    for name in SECTIONS:
+        section = cfg[name]
+        n = section.n
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= test_size:
             raise ConfigError(f"{name}.n={n!r} must be an integer from 0 (skip) to {test_size}")
+        hyper = attack_kwargs(section, where=name, other_keys=OWN_KEYS[name])
+        settings[name] = {**{key: section[key] for key in OWN_KEYS[name]},
+                          **{key: v for key, v in hyper.items() if key not in SET_HERE.get(name, ())}}
     return settings
 
 
@@ -343,7 +356,7 @@ def produce(cfg: DictConfig) -> dict:
                for key, value in numbers.items() if math.isfinite(value)}
     with tracker.run(cfg.tracking.experiment, f"published {cfg.model.name}", params, tags) as run_id:
         tracker.log_metrics(run_id, {**metrics, "seconds": seconds})
-        tracker.client.log_text(run_id, text, "published.md")
+        tracker.log_text(run_id, text, "published.md")
         tracker.log_dict(run_id, record, "published.json")
     print(f"\n{text}")
     print(f"written: {md} and {js}; MLflow run {run_id} (experiment "

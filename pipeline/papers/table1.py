@@ -28,9 +28,7 @@ EXPERIMENT = "experiment=szegedy_table1"
 
 def latest_sweep(tracker: Tracker, experiment: str):
     """The newest parent run of a `experiment=szegedy_table1` sweep, and its child runs."""
-    experiment_id = tracker.experiment_id(experiment)
-    parents = tracker.client.search_runs(
-        [experiment_id], filter_string="tags.stage = 'sweep'", order_by=["attributes.start_time DESC"])
+    parents = tracker.find_runs(experiment, stage="sweep")  # newest first
     parent = next((r for r in parents if EXPERIMENT in r.data.params.get("sweep.overrides", "")), None)
     if parent is None:
         raise PipelineError(f"no {EXPERIMENT} sweep in {tracker.uri}; run "
@@ -67,7 +65,7 @@ def main(cfg: DictConfig) -> None:
     note = (f"Szegedy et al. 2013, Table 1, beside this pipeline (sweep run {parent.info.run_id}, "
             f"commit {commit}); our models are trained differently (Adam, ReLU, 4 epochs), so "
             "compare the trends, not the digits.")
-    tracker.client.log_text(parent.info.run_id, f"{note}\n\n{text}\n", "table1.md")
+    tracker.log_text(parent.info.run_id, f"{note}\n\n{text}\n", "table1.md")
     print(f"{note}\n\n{text}")
 
 

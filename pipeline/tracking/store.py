@@ -218,6 +218,16 @@ class Tracker:
     def children(self, experiment: str, parent_id: str) -> list:
         return self.find_runs(experiment, **{MLFLOW_PARENT_RUN_ID: parent_id})
 
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """A run's latest value of every metric."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def lightning_logger(self, experiment: str, run_id: str):
+        """A Lightning logger that writes a Trainer's metrics into the open run `run_id`."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(experiment_name=experiment, tracking_uri=self.uri, run_id=run_id)
+
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI."""
         return ui.run_url(self.ui, self.client.get_run(run_id).info.experiment_id, run_id)
@@ -238,3 +248,12 @@ class Tracker:
     def reopen(self, run_id: str) -> None:
         """Mark a finished run RUNNING again (a resumed sweep's parent)."""
         self.client.update_run(run_id, status="RUNNING")
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """`text` as the run's artifact `artifact_file` (e.g. a markdown table)."""
+        self.client.log_text(run_id, text, artifact_file)
+
+    def all_runs(self) -> list:
+        """Every run of every experiment in the store (creating an empty store if there is none)."""
+        ids = [e.experiment_id for e in self.client.search_experiments()]
+        return self.client.search_runs(ids, max_results=10_000) if ids else []

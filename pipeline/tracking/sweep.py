@@ -8,20 +8,18 @@ has a FINISHED run under the parent is skipped (`pipeline.run`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import check_devices, config_hash, sweep_key, validate
-from pipeline.errors import PipelineError, report, user_message
+from pipeline.errors import PipelineError
 from pipeline.tracking import ui
 from pipeline.tracking.figures import metric_curves
 from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker
@@ -31,6 +29,8 @@ SUMMARY_PLOTS = {  # parent artifact → metrics drawn against the swept value
     "summary_l2.png": ("l2_mean",),
 }
 STALE = "its process ended without closing the run (killed); the sweep was resumed"
+# Hydra's default sweeper as its config names it: only its points are known before the jobs run
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 JOB_TAG = "job."  # job.<number> on the parent: COMPLETED or FAILED: <error>, written by each job
 
 
@@ -87,17 +87,25 @@ def sweep_series(runs: list, swept: list[str], metrics: tuple[str, ...]) -> tupl
 
 
 def planned_jobs(config: DictConfig) -> list[DictConfig] | None:
-    """The composed config of every point of a multirun, as Hydra's basic sweeper will make them
-    (None under another sweeper, whose points are not known in advance)."""
+    """The composed config of every point of a multirun, as Hydra's basic sweeper will make them:
+    the product of the swept values, a key given twice taking its last value (None under another
+    sweeper, whose points are not known in advance)."""
     sweeper = config.hydra.sweeper
-    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+    if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
     loader = GlobalHydra.instance().config_loader()
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
-        params + list(config.hydra.overrides.task))
-    (points,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [loader.load_sweep_config(config, point) for point in points]
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create(config_loader=loader).parse_overrides(
+            params + list(config.hydra.overrides.task)):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:  # e.g. interval(0,1): the basic sweeper rejects it with its own message
+            return None
+    return [loader.load_sweep_config(config, list(point)) for point in itertools.product(*choices.values())]
 
 
 def preflight(jobs: list[DictConfig]) -> None:
@@ -195,6 +203,10 @@ class Sweep:
             hint = " (start it with `make ui`)" if self.tracker.ui == ui.LOCAL_UI else ""
             print(f"compare the sweep in the MLflow UI{hint}: {self.view_url}")
 
+    def finish_if_open(self) -> None:
+        if self in Sweep.open:
+            self.finish()
+
     def _summarise(self) -> None:
         outcomes = [value for key, value in self.tracker.client.get_run(self.run_id).data.tags.items()
                     if key.startswith(JOB_TAG)]
@@ -255,6 +267,24 @@ class Sweep:
         return url
 
 
+def open_sweep(config: DictConfig) -> Sweep:
+    """Check every planned point, then open (or resume) the multirun's parent run."""
+    jobs = planned_jobs(config)
+    if jobs is not None:
+        preflight(jobs)
+    return Sweep(Tracker.connect(config.tracking), config.tracking.experiment,
+                 list(config.hydra.overrides.task), config.hydra.sweeper.get("params"),
+                 resume=config.resume, planned=None if jobs is None else [config_hash(j) for j in jobs])
+
+
+def record_job(config: DictConfig, outcome: str) -> None:
+    """Tag the parent run with a job's outcome. This runs where the job ran (a launcher's worker
+    process, too), so it goes through the store, not through the parent's Sweep object."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is not None:
+        Tracker(config.tracking.uri).set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
+
+
 def finish_open_sweeps(status: str, error: BaseException | None = None,
                        job_failed: bool = False) -> None:
     """Close every parent run still open (on an error that escaped the sweep; `job_failed`: it
@@ -263,47 +293,3 @@ def finish_open_sweeps(status: str, error: BaseException | None = None,
         sweep.jobs += job_failed
         sweep.failed_jobs += job_failed
         sweep.finish(status, error)
-
-
-class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml): one parent run per multirun, jobs become its children."""
-
-    def __init__(self) -> None:
-        self.sweep: Sweep | None = None
-
-    def __getstate__(self) -> dict:  # a launcher ships callbacks to its workers: not the open sweep
-        return {"sweep": None}
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            tracker = Tracker.connect(config.tracking)
-            jobs = planned_jobs(config)
-            if jobs is not None:
-                preflight(jobs)
-            self.sweep = Sweep(tracker, config.tracking.experiment, list(config.hydra.overrides.task),
-                               config.hydra.sweeper.get("params"), resume=config.resume,
-                               planned=None if jobs is None else [config_hash(job) for job in jobs])
-        except Exception as error:
-            # Hydra would turn an exception here into a warning and start every job anyway
-            message = user_message(error)
-            if message is None:
-                traceback.print_exc()
-            else:
-                report(message)
-            raise SystemExit(2 if message else 1) from error
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        """Record the job's outcome on the parent run. This runs where the job ran (a launcher's
-        worker process, too), so it goes through the store, not through this object."""
-        parent = os.environ.get(PARENT_ENV)
-        if parent is None:
-            return
-        outcome = job_return.status.name
-        if outcome == "FAILED":
-            error = getattr(job_return, "_return_value", None)
-            outcome += f": {user_message(error) or repr(error)}"[:400] if error is not None else ""
-        Tracker(config.tracking.uri).set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.sweep is not None and self.sweep in Sweep.open:
-            self.sweep.finish()
