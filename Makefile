@@ -73,8 +73,10 @@ browser: ## Chromium for the MLflow UI test (Debian's package, installed as root
 test: data browser ## the whole test suite (the UI test drives Chromium: `make browser`)
 	$(RUN) pytest
 
-lint: install ## ruff over the code and tests
+lint: install ## ruff check, ruff format --check and mypy (the CI runs it before the tests)
 	$(RUN) ruff check pipeline tests
+	$(RUN) ruff format --check pipeline tests
+	$(RUN) mypy
 
 clean: ## delete runs, sweeps, checkpoints and the local MLflow store (keeps outputs/data, outputs/server, .venv)
 	rm -rf outputs/runs outputs/sweeps outputs/checkpoints outputs/mlartifacts outputs/mlflow.db

@@ -6,8 +6,9 @@ import inspect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import pytorch_lightning as L
 import torch
@@ -72,8 +73,8 @@ class Adversarials:
 @dataclass
 class Share:
     """What one DDP rank attacked, sent to every rank at the end of the test loop."""
-    samples: list[dict[str, list[torch.Tensor]]]
-    examples: list[dict[str, list[torch.Tensor]]]
+    samples: Sequence[Mapping[str, list[torch.Tensor]]]
+    examples: Sequence[Mapping[str, list[torch.Tensor]]]
     attack_seconds: float
     forward: int
     backward: int
@@ -105,8 +106,10 @@ class AttackStep(L.LightningModule):
         self.register_buffer("offsets", offsets, persistent=False)
         self.attack_seconds = 0.0
         self.n_attacked = 0  # images through the attack (DDP's padding attacks a few twice)
-        self.samples = [defaultdict(list) for _ in self.eps]   # per eps: key → [(B,), ...]
-        self.examples = [defaultdict(list) for _ in self.eps]  # per eps: key → [(b, ...), ...]
+        # per eps: key → [(B,), ...]
+        self.samples: list[defaultdict[str, list[torch.Tensor]]] = [defaultdict(list) for _ in self.eps]
+        # per eps: key → [(b, ...), ...]
+        self.examples: list[defaultdict[str, list[torch.Tensor]]] = [defaultdict(list) for _ in self.eps]
         self.n_kept = 0
         self.info_keys: set[str] = set()
 
@@ -182,7 +185,7 @@ class AttackStep(L.LightningModule):
 
     def result(self) -> AttackResult:
         metrics, examples, outcomes = [], [], []
-        for eps, samples, shown in zip(self.eps, self.samples, self.examples, strict=True):
+        for eps, samples, kept in zip(self.eps, self.samples, self.examples, strict=True):
             everything = _by_position({key: torch.cat(parts) for key, parts in samples.items()})
             outcomes.append(everything)
             summary = summarize(everything)
@@ -198,7 +201,7 @@ class AttackStep(L.LightningModule):
             for key in self.info_keys:
                 summary[f"{key}_median"] = everything[key].float().nanmedian().item()  # NaN: none
             metrics.append(summary)
-            shown = _by_position({key: torch.cat(parts) for key, parts in shown.items()})
+            shown = _by_position({key: torch.cat(parts) for key, parts in kept.items()})
             examples.append({key: value[:self.n_examples] for key, value in shown.items()})
         return AttackResult(self.eps, metrics, examples, outcomes,
                             self.split.workers if self.split else 1)
@@ -220,7 +223,8 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
     split = CoreSplit(workers) if workers > 1 else None
     step = AttackStep(classifier, attack_fn(cfg.attack), eps_values(cfg),
                       targeted=cfg.attack.targeted, target=cfg.attack.target,
-                      offsets=random_offsets(len(eval_set), cfg.data.num_classes, cfg.seed),
+                      # the eval sets are sized (TensorDataset or Subset)
+                      offsets=random_offsets(len(cast(Sized, eval_set)), cfg.data.num_classes, cfg.seed),
                       n_examples=cfg.attack.n_examples, split=split, seed=cfg.seed)
     try:
         trainer.test(step, DataLoader(eval_set, batch_size=cfg.attack.batch_size), verbose=False)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -104,7 +104,7 @@ def check_devices(cfg: DictConfig, multirun: bool) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError with a one-line fix for any value the pipeline cannot run with (n_eval
     against a photo folder's size is checked once the photos are read)."""
-    pretrained = "pretrained" in cfg.model
+    pretrained = is_pretrained(cfg)
     if pretrained != bool(cfg.data.get("pretrained_models")):
         kind = "an ImageNet" if pretrained else "an MNIST"
         raise ConfigError(f"model={cfg.model.name} is {kind} model and data={cfg.data.name} does not "
@@ -158,13 +158,18 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     """Nested config → {"attack.name": "fgsm", "eps": 0.1, ...} (lists stay whole)."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     flat: dict[str, Any] = {}
-    for key, value in container.items():
+    for key, value in cast(dict[str, Any], container).items():  # a dict config's keys are strings
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}."))
         else:
             flat[name] = value
     return flat
+
+
+def short_hash(text: str) -> str:
+    """16 hex digits of the text's SHA-256: the names of configs, sweeps and checkpoints."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _is_run_control(key: str) -> bool:
@@ -177,14 +182,14 @@ def config_hash(cfg: DictConfig) -> str:
     job = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
            else cfg[key] for key in cfg if key != "hydra"}  # a multirun's master config has it
     values = {k: v for k, v in flatten(job).items() if not _is_run_control(k)}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return short_hash(json.dumps(values, sort_keys=True, default=str))
 
 
 def sweep_key(overrides: list[str]) -> str:
     """16 hex digits naming a sweep: its command-line overrides in any order, run-control ones left
     out (so `resume=false` or another `paths.outputs` still name the same sweep)."""
     kept = sorted(o for o in overrides if not _is_run_control(o.split("=", 1)[0].lstrip("+~")))
-    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+    return short_hash("\n".join(kept))
 
 
 def is_pretrained(cfg: DictConfig) -> bool:
@@ -224,7 +229,9 @@ def attack_kwargs(attack_cfg: DictConfig | Mapping, where: str = "attack",
     parameters = inspect.signature(function).parameters
     named = {key for key, p in parameters.items()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(ATTACK_RUN_KEYS)
-    keys = [key for key in attack_cfg if key not in ATTACK_RUN_KEYS and key not in other_keys]
+    # an attack config's keys are strings
+    keys = cast(list[str], [key for key in attack_cfg
+                            if key not in ATTACK_RUN_KEYS and key not in other_keys])
     unknown = sorted(key for key in keys if key not in named)
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; {attack_cfg.get('function')} takes "
@@ -250,17 +257,19 @@ def _load(path: Path, config_dir: Path) -> DictConfig:
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"no config {path.relative_to(config_dir)}; choose from {options}")
     node = OmegaConf.load(path)
+    assert isinstance(node, DictConfig)  # config files are mappings
     defaults = list(node.pop("defaults", None) or [])
     if "_self_" not in defaults:
         defaults.append("_self_")
     merged = OmegaConf.create()
     for entry in defaults:
         if entry == "_self_":
-            merged = OmegaConf.merge(merged, node)
+            merged = cast(DictConfig, OmegaConf.merge(merged, node))  # merged mappings are a mapping
             continue
         name = str(entry).split("@", 1)[0]
         parent = config_dir if name.startswith("/") else path.parent
-        merged = OmegaConf.merge(merged, _load(parent / f"{name.lstrip('/')}.yaml", config_dir))
+        included = _load(parent / f"{name.lstrip('/')}.yaml", config_dir)
+        merged = cast(DictConfig, OmegaConf.merge(merged, included))  # merged mappings are a mapping
     return merged
 
 

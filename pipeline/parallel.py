@@ -72,6 +72,7 @@ def _concat(parts: list) -> Any:
     if isinstance(first, dict):
         return {key: _concat([p[key] for p in parts]) for key in first}
     if dataclasses.is_dataclass(first):
+        assert not isinstance(first, type)  # the slices' results are instances, not classes
         return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts])
                               for f in dataclasses.fields(first)})
     return [_concat(list(column)) for column in zip(*parts, strict=True)]
@@ -80,5 +81,5 @@ def _concat(parts: list) -> Any:
 def split_or_call(split: CoreSplit | None, fn: Callable, *tensors: torch.Tensor | None) -> Any:
     """`split(fn, *tensors)` for CPU tensors when there is a split, else one call `fn(*tensors)`."""
     if split is not None and tensors[0] is not None and tensors[0].device.type == "cpu":
-        return split(fn, *tensors)
+        return split(fn, tensors[0], *tensors[1:])
     return fn(*tensors)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.attacks.projection import per_image
+
 BIG = 1e10  # "no upper bound on c yet"
 
 
@@ -43,9 +45,9 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool = F
         raise ValueError("targeted cw_l2 needs `target` (a class index per image)")
     x = x.detach()
     label = target if targeted else y
+    assert label is not None  # a targeted call without `target` was rejected above
     sign = -1.0 if targeted else 1.0           # m = sign · margin(label)
     n = len(x)
-    view = (-1, *[1] * (x.dim() - 1))
     w0 = torch.atanh((2 * x - 1) * (1 - 1e-6))
     c = torch.full((n,), c_init, device=x.device)
     lower, upper = torch.zeros_like(c), torch.full_like(c, BIG)
@@ -73,7 +75,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool = F
                 ok = m <= -confidence if confidence > 0 else m < 0
                 improved = ok & (l2sq < best_l2[idx])
                 best_l2[idx] = torch.where(improved, l2sq, best_l2[idx])
-                best[idx] = torch.where(improved.view(view), adv.detach(), best[idx])
+                best[idx] = torch.where(per_image(improved, x), adv.detach(), best[idx])
                 found[idx] |= ok
                 w = _adam(w.detach(), grad, mean, var, step, lr)
                 if abort_early and step % check_every == 0:

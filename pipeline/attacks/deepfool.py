@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.attacks.projection import per_image
+
 
 def _differences(model: nn.Module, z: torch.Tensor, classes: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,7 +42,6 @@ def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
     if targeted:
         raise ValueError("deepfool is untargeted: it moves to the nearest decision boundary")
     x = x.detach()
-    view = (-1, *[1] * (x.dim() - 1))
     with torch.no_grad():
         logits = model(x)
     k = logits.shape[1] if candidates is None else min(candidates, logits.shape[1])
@@ -63,7 +64,8 @@ def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
         nearest = (f.abs() / (norms + 1e-8)).argmin(1)                     # (b,)
         pick = torch.arange(len(idx), device=x.device)
         w, f_k, w_norm = grads[pick, nearest], f[pick, nearest], norms[pick, nearest]
-        r = ((f_k.abs() / (w_norm + 1e-8) + 1e-4) / (w_norm + 1e-8)).view(view) * w
+        r = ((f_k.abs() / (w_norm + 1e-8) + 1e-4) / (w_norm + 1e-8))
+        r = per_image(r, w) * w
         total[idx] += r
         adv[idx] = (x[idx] + (1 + overshoot) * total[idx]).clamp(0.0, 1.0)
         iterations[idx] += 1

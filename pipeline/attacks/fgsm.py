@@ -22,6 +22,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequen
     if targeted and target is None:
         raise ValueError("targeted FGSM needs `target` (a class index per image)")
     labels = target if targeted else y
+    assert labels is not None  # a targeted call without `target` was rejected above
     x = x.detach().requires_grad_(True)  # (B, C, H, W)
     with torch.enable_grad():
         loss = F.cross_entropy(model(x), labels, reduction="sum")

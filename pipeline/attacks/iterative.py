@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks.losses import succeeded
-from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, project, random_point
+from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, per_image, project, random_point
 
 # alpha None: the step size as a multiple of eps/steps
 PGD_STEP = 2.5  # Madry et al.
@@ -33,6 +33,7 @@ def _loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor, targeted: bool,
     """(per-image loss the attack increases, logits): CE(y) untargeted, −CE(target) targeted."""
     logits = model(z)
     if targeted:
+        assert target is not None  # `_check` rejects a targeted attack without `target`
         return -F.cross_entropy(logits, target, reduction="none"), logits
     return F.cross_entropy(logits, y, reduction="none"), logits
 
@@ -85,7 +86,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm:
     _check(targeted, target, steps, restarts)
     alpha = default_alpha(PGD_STEP, eps, steps) if alpha is None else alpha
     x = x.detach()
-    best = best_success = best_loss = None
+    best: torch.Tensor | None = None
+    best_success: torch.Tensor | None = None
+    best_loss: torch.Tensor | None = None
     for restart in range(restarts):
         start = random_point(x, eps, norm, seeds, restart) if random_start else x
         z = _ascend(model, x, start, y, eps, norm, alpha, steps, targeted, target)
@@ -97,10 +100,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm:
         if best is None:
             best, best_success, best_loss = z, success, loss
             continue
+        assert best_success is not None and best_loss is not None  # set with `best`
         # an image's worst case: a success over a failure, then the higher loss
         better = (success > best_success) | ((success == best_success) & (loss > best_loss))
-        best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), z, best)
+        best = torch.where(per_image(better, z), z, best)
         best_success, best_loss = best_success | success, torch.where(better, loss, best_loss)
+    assert best is not None  # restarts ≥ 2 here (`_check` rejects < 1; 1 returned in the loop)
     return best
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -154,7 +155,8 @@ def lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tens
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(z.view(-1, *shape[1:]))
-            t = target[rows] if targeted else None
+            # targeted implies a `target` (checked on entry)
+            t = cast(torch.Tensor, target)[rows] if targeted else None
             distance = (z - x0[rows]).pow(2).sum(1)
             objective = distance + c[rows] * attack_loss(logits, y[rows], targeted, t)
             (grad,) = torch.autograd.grad(objective.sum(), z)
@@ -175,7 +177,8 @@ def lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tens
         z, logits = _minimise(evaluate, start[rows], rows, history, max_iter, ftol, gtol)
         if warm_start:
             start[rows] = z
-        win = succeeded(logits, y[rows], targeted, target[rows] if targeted else None)
+        # targeted implies a `target` (checked on entry)
+        win = succeeded(logits, y[rows], targeted, cast(torch.Tensor, target)[rows] if targeted else None)
         c[rows], low[rows], high[rows] = next_c(c[rows], low[rows], high[rows], win)
     if info is not None:
         info["c_final"] = best_c

@@ -12,6 +12,7 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool,
     true class down, −log(1 − p_y) = logsumexp(all) − logsumexp(classes ≠ y); bounded below
     by 0, unlike −CE(y)."""
     if targeted:
+        assert target is not None  # every caller rejects a targeted attack without `target`
         return F.cross_entropy(logits, target, reduction="none")
     others = logits.scatter(1, y[:, None], float("-inf"))
     return logits.logsumexp(1) - others.logsumexp(1)
@@ -21,4 +22,7 @@ def succeeded(logits: torch.Tensor, y: torch.Tensor, targeted: bool,
               target: torch.Tensor | None) -> torch.Tensor:
     """(B,) bool: classified as the target (targeted) or as anything but y (untargeted)."""
     predicted = logits.argmax(1)
-    return predicted == target if targeted else predicted != y
+    if targeted:
+        assert target is not None  # every caller rejects a targeted attack without `target`
+        return predicted == target
+    return predicted != y

@@ -16,7 +16,7 @@ def check_norm(norm: str) -> None:
         raise ValueError(f"norm={norm!r}; use one of {', '.join(NORMS)}")
 
 
-def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) → (B, 1, 1, ...) to broadcast against `like`."""
     return values.view(-1, *[1] * (like.dim() - 1))
 
@@ -31,13 +31,13 @@ def project(x: torch.Tensor, z: torch.Tensor, eps: float, norm: str) -> torch.Te
     else:
         norms = delta.flatten(1).norm(p=2, dim=1)
         scale = torch.where(norms > eps, eps / norms.clamp_min(1e-30), torch.ones_like(norms))
-        delta = delta * _per_image(scale, delta)
+        delta = delta * per_image(scale, delta)
     return (x + delta).clamp(0.0, 1.0)
 
 
 def l2_normalise(grad: torch.Tensor) -> torch.Tensor:
     """Each image's gradient scaled to unit L2 norm (a zero gradient stays zero)."""
-    return grad / _per_image(grad.flatten(1).norm(p=2, dim=1) + 1e-10, grad)
+    return grad / per_image(grad.flatten(1).norm(p=2, dim=1) + 1e-10, grad)
 
 
 def random_point(x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | None,

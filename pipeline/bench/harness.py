@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,18 +13,19 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.bench import report as rep
 from pipeline.bench.implementations import ATTACKS, RUN_KEYS, Setup, configure, hyper_parameters
 from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, training
-from pipeline.config import build
+from pipeline.bench.startup import startup_seconds
+from pipeline.config import build, is_pretrained
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
 from pipeline.models.training import checkpoint_for
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.tracking.store import Tracker, provenance_tags
 
-SECTIONS = ("attacks", "eps_list", "training", "end_to_end")
+SECTIONS = ("attacks", "eps_list", "training", "end_to_end", "startup")
 
 
 def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
-    if "pretrained" in cfg.model:
+    if is_pretrained(cfg):
         raise ConfigError("the benchmark runs on MNIST models (data=mnist, model=cnn, ...); time a "
                           "pretrained ImageNet model with `python -m pipeline data=imagenet ...`")
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
@@ -82,11 +84,13 @@ def run_bench(cfg: DictConfig) -> dict:
 
 
 def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint: str) -> dict:
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": provenance_tags()["git_commit"],
-              "machine": rep.machine(setup.device), "checkpoint": checkpoint,
-              "cpu_workers": setup.split.workers if setup.split else 1,
-              "config": {k: OmegaConf.to_container(cfg, resolve=True)[k]
-                         for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")}}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": provenance_tags()["git_commit"],
+        "machine": rep.machine(setup.device), "checkpoint": checkpoint,
+        "cpu_workers": setup.split.workers if setup.split else 1,
+        # a DictConfig's container is a dict
+        "config": {k: cast(dict, OmegaConf.to_container(cfg, resolve=True))[k]
+                   for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")}}
     sections = set(cfg.sections)
     if "attacks" in sections:
         report["attacks"] = []
@@ -100,4 +104,6 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
         report["training"] = training(cfg, tracker)
     if "end_to_end" in sections:
         report["end_to_end"] = end_to_end(cfg, checkpoint)
+    if "startup" in sections:
+        report["startup"] = startup_seconds()
     return report

@@ -16,12 +16,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.attacks.iterative import BIM_STEP, PGD_STEP, default_alpha
+from pipeline.attacks.projection import per_image
+from pipeline.attacks.targets import next_class
 from pipeline.bench.measure import over_batches
 from pipeline.config import attack_function, attack_kwargs
 from pipeline.parallel import CoreSplit
@@ -46,11 +49,6 @@ class Setup:
     targeted: bool = False          # targeted attacks aim at next_class
 
 
-def next_class(y: torch.Tensor, s: Setup) -> torch.Tensor:
-    """The target of the targeted benchmarks: the next class."""
-    return (y + 1) % s.num_classes
-
-
 # ---- ours -----------------------------------------------------------------------------------
 
 def ours(s: Setup) -> Run:
@@ -58,7 +56,8 @@ def ours(s: Setup) -> Run:
     eps = {"eps": s.params["eps"]} if "eps" in s.params else {}
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        target = next_class(y, s) if s.targeted else None
+        target = next_class(y, s.num_classes) if s.targeted else None
+        assert s.attack is not None  # the bench sets our attack function before running ours
         return s.attack(s.model, x, y, **eps, **s.hyper, targeted=s.targeted, target=target)
     return run
 
@@ -173,7 +172,7 @@ def foolbox_cw_l2(s: Setup) -> Run:
         # Left as zeros, a blank image the model does not read as y would count as a success
         x_adv = run(x, y)
         failed = (x_adv == 0).flatten(1).all(1)
-        return torch.where(failed.view(-1, *[1] * (x.dim() - 1)), x, x_adv)
+        return torch.where(per_image(failed, x), x, x_adv)
     return failures_as_x
 
 
@@ -276,7 +275,7 @@ def advertorch_lbfgs(s: Setup) -> Run:
     # 9 values of c, 100 L-BFGS-B iterations each (its defaults); scipy solves the batch as one
     # float64 problem on the CPU
     attack = _import_advertorch().LBFGSAttack(s.model, num_classes=s.num_classes, targeted=s.targeted)
-    return over_batches(lambda x, y: attack.perturb(x, next_class(y, s) if s.targeted else y),
+    return over_batches(lambda x, y: attack.perturb(x, next_class(y, s.num_classes) if s.targeted else y),
                         s.batch_size)
 
 
@@ -293,10 +292,10 @@ class Peer:
 
 @dataclass
 class Attack:
-    floor_passes: int | str | None      # forward+backward passes per image it cannot avoid;
-                                         # "steps": its `steps`; None: as many as ours was
-                                         # counted to make
-    peers: dict[str, Callable[[Setup], Run] | Peer] = field(default_factory=dict)
+    floor_passes: int | Literal["steps"] | None  # forward+backward passes per image it cannot
+                                                 # avoid; "steps": its `steps`; None: as many as
+                                                 # ours was counted to make
+    peers: Mapping[str, Callable[[Setup], Run] | Peer] = field(default_factory=dict)
     exact: bool = True                   # a correct peer gives the same adversarials
     shared: tuple[str, ...] = ()         # the hyper-parameters every peer is given too (eps: the
                                          # attack config's eps; alpha None: alpha_factor·eps/steps)
@@ -378,8 +377,10 @@ def hyper_parameters(name: str, attack_cfg: DictConfig | Mapping) -> dict:
     alpha_factor·eps/steps. A key the attack's function does not take is a ConfigError."""
     attack = ATTACKS[name]
     kwargs = attack_kwargs(attack_cfg, f"per_attack.{name}", RUN_KEYS)
-    params = {key: float(attack_cfg["eps"]) if key == "eps" else kwargs[key] for key in attack.shared}
+    params: dict[str, Any] = {key: float(attack_cfg["eps"]) if key == "eps" else kwargs[key]
+                              for key in attack.shared}
     if params.get("alpha", 0) is None:
+        assert attack.alpha_factor is not None  # every attack that shares alpha has an alpha_factor
         params["alpha"] = default_alpha(attack.alpha_factor, params["eps"], params["steps"])
     return params
 

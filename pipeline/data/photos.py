@@ -27,7 +27,8 @@ SAMPLES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle")
 
 
 def _sample_photos() -> list[tuple[str, Image.Image]]:
-    from skimage import __version__, data
+    # skimage's __init__.pyi stub does not declare __version__, which the package defines
+    from skimage import __version__, data  # type: ignore[attr-defined]
 
     photos = [(f"skimage-{__version__}/{name}", Image.fromarray(
         data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()))
@@ -72,8 +73,9 @@ class PhotoData:
             raise DataError(f"data.module.images={self.images} is not a folder; pass a folder of "
                             "photos, or leave it unset for scikit-image's sample photos")
 
-    def _files(self) -> list[tuple[str, Path | None, int | None]]:
+    def _files(self) -> list[tuple[str, Path, str | None]]:
         """(name, path, folder label) of every candidate image."""
+        assert self.images is not None  # only called when a folder is given
         root = Path(self.images).expanduser()
         classes = sorted(p for p in root.iterdir() if p.is_dir() and _images_in(p))
         if not classes:
@@ -96,10 +98,10 @@ class PhotoData:
                 labels.append(None if folder is None else class_index(folder, class_names))
                 digest.update(path.read_bytes())
         else:
-            for name, photo in _sample_photos():
-                loaded.append((name, preprocess(photo)))
+            for name, sample in _sample_photos():
+                loaded.append((name, preprocess(sample)))
                 labels.append(None)
-                digest.update(photo.tobytes())
+                digest.update(sample.tobytes())
         if not loaded:
             raise DataError(f"no readable image in {self.images}; put JPEG or PNG files there "
                             "(or class sub-folders of them)")

@@ -27,6 +27,8 @@ def _quiet_and_deterministic() -> None:
 def lightning_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     """A Trainer from `cfg.trainer` (device, precision, progress bar, determinism) plus `overrides`."""
     _quiet_and_deterministic()
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer, dict)  # cfg.trainer is a mapping
     options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-               **OmegaConf.to_container(cfg.trainer, resolve=True), **overrides}
+               **trainer, **overrides}
     return L.Trainer(**options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import pytorch_lightning as L
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import flatten
+from pipeline.config import flatten, short_hash
 from pipeline.data.mnist import MNISTData
 from pipeline.errors import CheckpointError
 from pipeline.models import Classifier
@@ -43,9 +42,11 @@ def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
     numeric precision. (The device is left out: a CPU- and a GPU-trained model of one config
     share a cache entry.)"""
     train = OmegaConf.to_container(cfg.train, resolve=True)
+    assert isinstance(train, dict)  # cfg.train is a mapping
     for knob in ("force", "log_every_n_steps"):  # do not change the weights
         train.pop(knob, None)
     data = OmegaConf.to_container(cfg.data.module, resolve=True)
+    assert isinstance(data, dict)  # cfg.data.module is a mapping
     for where in ("root", "_target_", "eval_batch_size"):  # where the files sit does not matter
         data.pop(where, None)
     return {"cache_version": CACHE_VERSION, "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -54,7 +55,7 @@ def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
 
 
 def checkpoint_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(json.dumps(config, sort_keys=True))
 
 
 def checkpoint_for(cfg: DictConfig, data: MNISTData, tracker: Tracker) -> Checkpoint:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 import hydra
 import torch
@@ -30,13 +31,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.attacks import bim, cw_l2, deepfool, fgsm, lbfgs
+from pipeline.attacks.projection import per_image
+from pipeline.attacks.targets import next_class
 from pipeline.cli import entrypoint, exit_on_user_error
-from pipeline.config import CONFIG_DIR, attack_kwargs, build, flatten, validate
+from pipeline.config import CONFIG_DIR, attack_kwargs, build, flatten, is_pretrained, validate
 from pipeline.errors import ConfigError
 from pipeline.metrics import l2, linf
 from pipeline.models import load_classifier
 from pipeline.models.training import checkpoint_for
-from pipeline.parallel import CoreSplit, cpu_workers
+from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
 from pipeline.tracking.store import Tracker, provenance_tags
 
 SECTIONS = ("cw", "deepfool", "lbfgs", "fgsm", "bim")
@@ -63,10 +66,6 @@ SET_HERE = {"bim": ("alpha",)}
 
 
 # ---------------------------------------------------------------- helpers
-
-def _call(split: CoreSplit | None, fn: Callable, *tensors: torch.Tensor | None):
-    """fn(*tensors), or over the CPU cores in slices (every attack here treats images alone)."""
-    return split(fn, *tensors) if split is not None else fn(*tensors)
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
@@ -118,7 +117,7 @@ def measure_cw(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
                      c_init=s["c_init"], binary_steps=s["binary_steps"], steps=s["steps"],
                      lr=s["lr"], abort_early=s["abort_early"])
 
-    adv = _call(split, attack, xs, ys, targets)
+    adv = split_or_call(split, attack, xs, ys, targets)
     return over_targets(l2(adv - xs), predict(model, adv) == targets, len(x), "l2")
 
 
@@ -127,22 +126,23 @@ def measure_deepfool(model, x, y, s: dict, split) -> dict:
         return deepfool(model, a, b, steps=s["steps"], overshoot=s["overshoot"],
                         candidates=s["candidates"])
 
-    adv = _call(split, attack, x, y)
+    adv = split_or_call(split, attack, x, y)
     return _untargeted(x, adv, predict(model, adv) != y)
 
 
 def measure_lbfgs(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     targeted = bool(s["targeted"])
-    target = (y + 1) % num_classes if targeted else None
+    target = next_class(y, num_classes) if targeted else None
 
     def attack(a, b, t):
         return lbfgs(model, a, b, target=t, targeted=targeted, c_init=s["c_init"],
                      c_steps=s["c_steps"], max_iter=s["max_iter"], history=s["history"],
                      ftol=s["ftol"], warm_start=s["warm_start"])
 
-    adv = _call(split, attack, x, y, target)
+    adv = split_or_call(split, attack, x, y, target)
     pred = predict(model, adv)
-    return _untargeted(x, adv, pred == target if targeted else pred != y)
+    # targeted implies a `target` (set above)
+    return _untargeted(x, adv, pred == cast(torch.Tensor, target) if targeted else pred != y)
 
 
 def eps_grid(s: dict) -> list[float]:
@@ -164,7 +164,7 @@ def fgsm_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: list
 
 def measure_fgsm(model, x, y, s: dict, split) -> dict:
     grid = eps_grid(s)
-    parts = [_call(split, lambda a, b: fgsm_smallest(model, a, b, grid), xc, yc)
+    parts = [split_or_call(split, lambda a, b: fgsm_smallest(model, a, b, grid), xc, yc)
              for xc, yc in zip(x.split(CHUNK), y.split(CHUNK), strict=True)]
     adv, eps = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     found = ~eps.isnan()
@@ -181,7 +181,7 @@ def bim_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: tor
     distance = torch.full((n,), float("inf"), device=x.device)
     for step in range(s["bisection_steps"] + 1):
         eps = high if step == 0 else (low + high) / 2
-        radius = eps.view(-1, *[1] * (x.dim() - 1))  # one L∞ radius per image
+        radius = per_image(eps, x)  # one L∞ radius per image
         adv = bim(model, x, y, eps=radius, alpha=s["alpha_scale"] * radius / s["steps"],
                   steps=s["steps"], targeted=True, target=target)
         ok = predict(model, adv) == target
@@ -195,7 +195,7 @@ def bim_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: tor
 
 def measure_bim(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     xs, ys, targets = _all_targets(x, y, num_classes)
-    distance, success = _call(split, lambda a, b, t: bim_smallest(model, a, b, t, s),
+    distance, success = split_or_call(split, lambda a, b, t: bim_smallest(model, a, b, t, s),
                               xs, ys, targets)
     return over_targets(distance, success, len(x), "linf")
 
@@ -317,7 +317,7 @@ def _settings(cfg: DictConfig, test_size: int) -> dict:
 def produce(cfg: DictConfig) -> dict:
     """Measure, print, save and log; returns the report (results, text, paths, MLflow run id)."""
     validate(cfg)
-    if "pretrained" in cfg.model:
+    if is_pretrained(cfg):
         raise ConfigError("the published numbers are for MNIST; use data=mnist with an MNIST "
                           "model (cnn, mlp, fc*)")
     data = build(cfg.data.module)

@@ -12,7 +12,7 @@ import itertools
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -45,7 +45,7 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None = 
 
 def _as_number(value: str | None) -> float | None:
     try:
-        return float(value)
+        return float(cast(str, value))  # None raises TypeError, caught below
     except (TypeError, ValueError):
         return None
 
@@ -251,7 +251,9 @@ class Sweep:
             if numeric:
                 for run in runs:
                     if x_key not in run.data.metrics:
-                        self.tracker.log_metrics(run.info.run_id, {x_key: float(param(run, x_key))})
+                        value = param(run, x_key)
+                        assert value is not None  # numeric: every run has a number for x_key
+                        self.tracker.log_metrics(run.info.run_id, {x_key: float(value)})
                 metrics.add(x_key)
                 x = (x_key, "METRIC")
             else:
