@@ -55,17 +55,18 @@ class PassCounter:
 
 @dataclass
 class AttackResult:
-    eps: list[float | None]                  # None: an attack without an eps budget
-    metrics: list[dict[str, float]]         # one dict of METRIC_KEYS per eps
+    eps: list[float | None]  # None: an attack without an eps budget
+    metrics: list[dict[str, float]]  # one dict of METRIC_KEYS per eps
     examples: list[dict[str, torch.Tensor]]  # first images of the subset, per eps, for the grid
-    samples: list[dict[str, torch.Tensor]]   # every image's outcome (and label, target), per eps
-    cpu_workers: int                         # slices each batch ran in (1: one call)
+    samples: list[dict[str, torch.Tensor]]  # every image's outcome (and label, target), per eps
+    cpu_workers: int  # slices each batch ran in (1: one call)
 
 
 @dataclass
 class Adversarials:
     """What one attack call made of a batch: an adversarial batch per eps, and the per-image
     diagnostics the attack wrote into `info=` (e.g. lbfgs' final c)."""
+
     images: list[torch.Tensor]
     info: dict[str, torch.Tensor]
 
@@ -73,6 +74,7 @@ class Adversarials:
 @dataclass
 class Share:
     """What one DDP rank attacked, sent to every rank at the end of the test loop."""
+
     samples: Sequence[Mapping[str, list[torch.Tensor]]]
     examples: Sequence[Mapping[str, list[torch.Tensor]]]
     attack_seconds: float
@@ -90,10 +92,18 @@ class AttackStep(L.LightningModule):
     that takes `seeds=` (random starts) gets one per image, made of `seed` and the image's
     position in the eval subset, so its draw does not depend on the batch size or the CPU split."""
 
-    def __init__(self, classifier: nn.Module, attack: Callable, eps: list[float | None],
-                 targeted: bool = False, target: str | int = "next",
-                 offsets: torch.Tensor | None = None, n_examples: int = 16,
-                 split: CoreSplit | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module,
+        attack: Callable,
+        eps: list[float | None],
+        targeted: bool = False,
+        target: str | int = "next",
+        offsets: torch.Tensor | None = None,
+        n_examples: int = 16,
+        split: CoreSplit | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.attack, self.eps = attack, list(eps)
@@ -132,13 +142,15 @@ class AttackStep(L.LightningModule):
         def forward(xs):
             with torch.no_grad():  # worker threads do not inherit the test loop's no_grad
                 return self.classifier(xs)
+
         return split_or_call(self.split, forward, x)
 
     def test_step(self, batch, batch_idx):
         x, y, position = batch  # (B, C, H, W) in [0, 1], (B,), (B,)
         clean_logits = self._logits(x)
-        target = (choose_targets(self.target, y, clean_logits, self.offsets[position])
-                  if self.targeted else None)
+        target = (
+            choose_targets(self.target, y, clean_logits, self.offsets[position]) if self.targeted else None
+        )
         sync(x.device)
         start = time.perf_counter()
         self.passes.counting = True
@@ -153,8 +165,13 @@ class AttackStep(L.LightningModule):
 
         keep = min(self.n_examples - self.n_kept, len(x))
         for k, x_adv in enumerate(generated.images):
-            outcome = {**per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target), **info,
-                       "y": y, "position": position, **({} if target is None else {"target": target})}
+            outcome = {
+                **per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target),
+                **info,
+                "y": y,
+                "position": position,
+                **({} if target is None else {"target": target}),
+            }
             for key, value in outcome.items():
                 self.samples[k][key].append(value.cpu())
             if keep > 0:
@@ -168,15 +185,24 @@ class AttackStep(L.LightningModule):
         (the attack time is the slowest rank's, passes add up)."""
         if self.trainer.world_size == 1:
             return
-        mine = Share(self.samples, self.examples, self.attack_seconds, self.passes.forward,
-                     self.passes.backward, self.info_keys, self.n_attacked)
+        mine = Share(
+            self.samples,
+            self.examples,
+            self.attack_seconds,
+            self.passes.forward,
+            self.passes.backward,
+            self.info_keys,
+            self.n_attacked,
+        )
         ranks: list[Share] = [mine] * self.trainer.world_size
         torch.distributed.all_gather_object(ranks, mine)
         for k in range(len(self.eps)):
-            self.samples[k] = defaultdict(list, {key: [p for r in ranks for p in r.samples[k][key]]
-                                                 for key in ranks[0].samples[k]})
-            self.examples[k] = defaultdict(list, {key: [p for r in ranks for p in r.examples[k][key]]
-                                                  for key in ranks[0].examples[k]})
+            self.samples[k] = defaultdict(
+                list, {key: [p for r in ranks for p in r.samples[k][key]] for key in ranks[0].samples[k]}
+            )
+            self.examples[k] = defaultdict(
+                list, {key: [p for r in ranks for p in r.examples[k][key]] for key in ranks[0].examples[k]}
+            )
         self.attack_seconds = max(r.attack_seconds for r in ranks)
         self.passes.forward = sum(r.forward for r in ranks)
         self.passes.backward = sum(r.backward for r in ranks)
@@ -194,17 +220,18 @@ class AttackStep(L.LightningModule):
                 summary["eps"] = eps
             else:  # a minimal-perturbation attack: the norms it found
                 summary.update(min_norm_summary(everything))
-            summary.update(attack_seconds=self.attack_seconds,
-                           images_per_second=n_images / self.attack_seconds,
-                           forward_passes_per_image=self.passes.forward / self.n_attacked,
-                           backward_passes_per_image=self.passes.backward / self.n_attacked)
+            summary.update(
+                attack_seconds=self.attack_seconds,
+                images_per_second=n_images / self.attack_seconds,
+                forward_passes_per_image=self.passes.forward / self.n_attacked,
+                backward_passes_per_image=self.passes.backward / self.n_attacked,
+            )
             for key in self.info_keys:
                 summary[f"{key}_median"] = everything[key].float().nanmedian().item()  # NaN: none
             metrics.append(summary)
             shown = _by_position({key: torch.cat(parts) for key, parts in kept.items()})
-            examples.append({key: value[:self.n_examples] for key, value in shown.items()})
-        return AttackResult(self.eps, metrics, examples, outcomes,
-                            self.split.workers if self.split else 1)
+            examples.append({key: value[: self.n_examples] for key, value in shown.items()})
+        return AttackResult(self.eps, metrics, examples, outcomes, self.split.workers if self.split else 1)
 
 
 def _by_position(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -221,11 +248,18 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
     trainer = lightning_trainer(cfg, inference_mode=False)  # attacks need gradients
     workers = cpu_workers(cfg.cpu_workers) if trainer.strategy.root_device.type == "cpu" else 1
     split = CoreSplit(workers) if workers > 1 else None
-    step = AttackStep(classifier, attack_fn(cfg.attack), eps_values(cfg),
-                      targeted=cfg.attack.targeted, target=cfg.attack.target,
-                      # the eval sets are sized (TensorDataset or Subset)
-                      offsets=random_offsets(len(cast(Sized, eval_set)), cfg.data.num_classes, cfg.seed),
-                      n_examples=cfg.attack.n_examples, split=split, seed=cfg.seed)
+    step = AttackStep(
+        classifier,
+        attack_fn(cfg.attack),
+        eps_values(cfg),
+        targeted=cfg.attack.targeted,
+        target=cfg.attack.target,
+        # the eval sets are sized (TensorDataset or Subset)
+        offsets=random_offsets(len(cast(Sized, eval_set)), cfg.data.num_classes, cfg.seed),
+        n_examples=cfg.attack.n_examples,
+        split=split,
+        seed=cfg.seed,
+    )
     try:
         trainer.test(step, DataLoader(eval_set, batch_size=cfg.attack.batch_size), verbose=False)
     finally:

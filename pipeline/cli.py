@@ -38,6 +38,7 @@ def exit_on_user_error(task: Callable[[DictConfig], T]) -> Callable[[DictConfig]
     multirun the error is re-raised, so Hydra records the job as failed and runs the others,
     unless `fail_fast=true`, which stops the sweep at the first failed job.
     """
+
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> T:
         try:
@@ -109,6 +110,7 @@ class SweepCallback(Callback):
 def _stop_on_signals() -> Iterator[None]:
     """SIGTERM and the first Ctrl-C raise Stopped, so open runs end KILLED; a second signal
     ends the process at once."""
+
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
         raise Stopped(signum)
@@ -130,8 +132,11 @@ def entrypoint(hydra_main: Callable[[], object]) -> None:
             hydra_main()
     except (Stopped, KeyboardInterrupt) as stop:
         _close_sweeps("KILLED", stop)
-        print(f"{stop or 'stopped by Ctrl-C'}: open runs are marked KILLED; type the same command "
-              "again to resume a sweep", file=sys.stderr)
+        print(
+            f"{stop or 'stopped by Ctrl-C'}: open runs are marked KILLED; type the same command "
+            "again to resume a sweep",
+            file=sys.stderr,
+        )
         sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
     except SystemExit as done:
         _close_sweeps("FAILED" if done.code else "FINISHED", None)
@@ -142,8 +147,9 @@ def entrypoint(hydra_main: Callable[[], object]) -> None:
         message = user_message(cause)
         if message is None or user_setting == "1":
             raise cause from cause.__cause__
-        report(message + (" (fail_fast=true: the remaining jobs were not started)"
-                          if cause is not error else ""))
+        report(
+            message + (" (fail_fast=true: the remaining jobs were not started)" if cause is not error else "")
+        )
         sys.exit(2)
     finally:
         if user_setting is None:

@@ -30,8 +30,15 @@ TARGET_STRATEGIES = ("next", "random", "least_likely")
 
 # Keys that say how or where a job runs, not what it computes: left out of a job's config hash
 # (resume matching) and of a sweep's identity. cpu_workers changes no number (tested).
-RUN_CONTROL = ("resume", "fail_fast", "cpu_workers", "paths.", "tracking.", "trainer.enable_progress_bar",
-               "hydra.")
+RUN_CONTROL = (
+    "resume",
+    "fail_fast",
+    "cpu_workers",
+    "paths.",
+    "tracking.",
+    "trainer.enable_progress_bar",
+    "hydra.",
+)
 
 
 def _number(name: str, value: Any) -> float:
@@ -56,8 +63,9 @@ def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name}={value!r} must be a positive integer, e.g. {name}=100")
     if upper is not None and value > upper:
-        raise ConfigError(f"{name}={value} is larger than the {upper} images available; "
-                          f"pass {name}=1..{upper}")
+        raise ConfigError(
+            f"{name}={value} is larger than the {upper} images available; pass {name}=1..{upper}"
+        )
     return value
 
 
@@ -70,8 +78,9 @@ def eps_values(cfg: DictConfig) -> list[float | None]:
     if eps_list is None:
         return [None] if cfg.attack.get("eps") is None else [_eps("eps", cfg.attack.eps, norm)]
     if not isinstance(eps_list, ListConfig | list) or len(eps_list) == 0:
-        raise ConfigError(f"attack.eps_list={eps_list!r} must be a non-empty list, "
-                          "e.g. attack.eps_list=[0.05,0.1,0.2]")
+        raise ConfigError(
+            f"attack.eps_list={eps_list!r} must be a non-empty list, e.g. attack.eps_list=[0.05,0.1,0.2]"
+        )
     return [_eps("attack.eps_list", e, norm) for e in eps_list]
 
 
@@ -81,8 +90,10 @@ def _attack_numbers(cfg: DictConfig) -> None:
         if key in ("eps", "target", "norm") or isinstance(value, bool) or not isinstance(value, Real):
             continue
         if math.isnan(value) or value < 0:
-            raise ConfigError(f"attack.{key}={value} must be a non-negative number "
-                              f"(conf/attack/{cfg.attack.name}.yaml has its default)")
+            raise ConfigError(
+                f"attack.{key}={value} must be a non-negative number "
+                f"(conf/attack/{cfg.attack.name}.yaml has its default)"
+            )
 
 
 def check_n_eval(n_eval: int | None, available: int | None) -> None:
@@ -97,8 +108,10 @@ def check_devices(cfg: DictConfig, multirun: bool) -> None:
     devices = cfg.trainer.devices
     many = devices > 1 if isinstance(devices, int) else not isinstance(devices, str) and len(devices) > 1
     if many and multirun:
-        raise ConfigError(f"trainer.devices={devices} works for a single run, not inside a multirun; "
-                          "run each point as its own command, or give each job one device")
+        raise ConfigError(
+            f"trainer.devices={devices} works for a single run, not inside a multirun; "
+            "run each point as its own command, or give each job one device"
+        )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -107,9 +120,11 @@ def validate(cfg: DictConfig) -> None:
     pretrained = is_pretrained(cfg)
     if pretrained != bool(cfg.data.get("pretrained_models")):
         kind = "an ImageNet" if pretrained else "an MNIST"
-        raise ConfigError(f"model={cfg.model.name} is {kind} model and data={cfg.data.name} does not "
-                          "fit it; use data=mnist with cnn, mlp or fc*, data=imagenet with vgg16 "
-                          "(model.arch=...) or efficientnet_lite0")
+        raise ConfigError(
+            f"model={cfg.model.name} is {kind} model and data={cfg.data.name} does not "
+            "fit it; use data=mnist with cnn, mlp or fc*, data=imagenet with vgg16 "
+            "(model.arch=...) or efficientnet_lite0"
+        )
     _number("eps", cfg.eps)
     norm = cfg.attack.get("norm", "linf")
     if norm not in ("linf", "l2"):
@@ -130,18 +145,24 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.n_train is not None:
         _positive_int("train.n_train", cfg.train.n_train)
     if cfg.attack.targeted and cfg.attack.get("untargeted_only"):
-        raise ConfigError(f"attack={cfg.attack.name} is untargeted only; drop attack.targeted=true "
-                          "or choose a targeted attack (fgsm, bim, pgd, mifgsm, cw_l2, lbfgs)")
+        raise ConfigError(
+            f"attack={cfg.attack.name} is untargeted only; drop attack.targeted=true "
+            "or choose a targeted attack (fgsm, bim, pgd, mifgsm, cw_l2, lbfgs)"
+        )
     if cfg.attack.targeted:
         target = cfg.attack.target
         n_classes = cfg.data.num_classes
         is_class = isinstance(target, int) and not isinstance(target, bool)
         if is_class and not 0 <= target < n_classes:
-            raise ConfigError(f"attack.target={target} is not a class index; "
-                              f"pass 0..{n_classes - 1} or one of {', '.join(TARGET_STRATEGIES)}")
+            raise ConfigError(
+                f"attack.target={target} is not a class index; "
+                f"pass 0..{n_classes - 1} or one of {', '.join(TARGET_STRATEGIES)}"
+            )
         if not is_class and target not in TARGET_STRATEGIES:
-            raise ConfigError(f"attack.target={target!r} is unknown; pass one of "
-                              f"{', '.join(TARGET_STRATEGIES)} or a class index 0..{n_classes - 1}")
+            raise ConfigError(
+                f"attack.target={target!r} is unknown; pass one of "
+                f"{', '.join(TARGET_STRATEGIES)} or a class index 0..{n_classes - 1}"
+            )
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -179,8 +200,11 @@ def _is_run_control(key: str) -> bool:
 def config_hash(cfg: DictConfig) -> str:
     """16 hex digits naming what a job computes: its resolved config without the run-control keys
     (a sweep point rerun with the same hash gives the same numbers)."""
-    job = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
-           else cfg[key] for key in cfg if key != "hydra"}  # a multirun's master config has it
+    job = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }  # a multirun's master config has it
     values = {k: v for k, v in flatten(job).items() if not _is_run_control(k)}
     return short_hash(json.dumps(values, sort_keys=True, default=str))
 
@@ -202,8 +226,17 @@ def is_pretrained(cfg: DictConfig) -> bool:
 # Keys of an attack config (conf/attack_base.yaml and conf/attack/<name>.yaml) that are not bound
 # to the attack function: what the attack is, and how a job runs it. `eps`, `targeted` and `target`
 # (a strategy, turned into one class per image) are given with every call by whoever runs it.
-ATTACK_RUN_KEYS = ("name", "function", "eps", "eps_list", "targeted", "target", "batch_size",
-                   "n_examples", "untargeted_only")
+ATTACK_RUN_KEYS = (
+    "name",
+    "function",
+    "eps",
+    "eps_list",
+    "targeted",
+    "target",
+    "batch_size",
+    "n_examples",
+    "untargeted_only",
+)
 
 
 def attack_function(attack_cfg: DictConfig | Mapping, where: str = "attack") -> Callable:
@@ -213,29 +246,36 @@ def attack_function(attack_cfg: DictConfig | Mapping, where: str = "attack") -> 
     try:
         function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"{where}.function={path!r} cannot be imported ({error}); name a function "
-                          f"such as {where}.function=pipeline.attacks.fgsm") from None
+        raise ConfigError(
+            f"{where}.function={path!r} cannot be imported ({error}); name a function "
+            f"such as {where}.function=pipeline.attacks.fgsm"
+        ) from None
     if not callable(function):
         raise ConfigError(f"{where}.function={path!r} is not a function")
     return function
 
 
-def attack_kwargs(attack_cfg: DictConfig | Mapping, where: str = "attack",
-                  other_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+def attack_kwargs(
+    attack_cfg: DictConfig | Mapping, where: str = "attack", other_keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The hyper-parameters an attack config gives its function: every key but the run keys (and
     `other_keys`, read by the caller) that the function's signature takes as a keyword argument.
     A key it does not take is a ConfigError (unless the function takes **kwargs)."""
     function = attack_function(attack_cfg, where)
     parameters = inspect.signature(function).parameters
-    named = {key for key, p in parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(ATTACK_RUN_KEYS)
+    named = {
+        key for key, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    } - set(ATTACK_RUN_KEYS)
     # an attack config's keys are strings
-    keys = cast(list[str], [key for key in attack_cfg
-                            if key not in ATTACK_RUN_KEYS and key not in other_keys])
+    keys = cast(
+        list[str], [key for key in attack_cfg if key not in ATTACK_RUN_KEYS and key not in other_keys]
+    )
     unknown = sorted(key for key in keys if key not in named)
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; {attack_cfg.get('function')} takes "
-                          f"{sorted(named - {'model', 'x', 'y', 'seeds', 'info'})}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; {attack_cfg.get('function')} takes "
+            f"{sorted(named - {'model', 'x', 'y', 'seeds', 'info'})}"
+        )
     kwargs = {}
     for key in keys:
         if key in named:

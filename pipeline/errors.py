@@ -59,8 +59,15 @@ class StopSweep(BaseException):
 
 
 # OSErrors about the user's disk, not the code: no permission, read-only, full, a file in the way
-_DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                errno.EEXIST}
+_DISK_ERRORS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
 
 
 def _first_line(error: BaseException) -> str:
@@ -73,20 +80,32 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, PipelineError):
         return str(error)
     if isinstance(error, OSError) and error.errno in _DISK_ERRORS and error.filename:
-        return (f"cannot write {error.filename} ({error.strerror}); free some disk space or "
-                "pass a writable folder as paths.outputs=DIR")
+        return (
+            f"cannot write {error.filename} ({error.strerror}); free some disk space or "
+            "pass a writable folder as paths.outputs=DIR"
+        )
     if isinstance(error, ValueError) and str(error).startswith("Only one of --run, --multirun"):
-        return (f"{error} (Hydra's command line); e.g. drop -m to print the config with --cfg job, "
-                "or drop --cfg to run the sweep")
+        return (
+            f"{error} (Hydra's command line); e.g. drop -m to print the config with --cfg job, "
+            "or drop --cfg to run the sweep"
+        )
     if isinstance(error, MissingConfigException) and error.options:
         group, _, name = (error.missing_cfg_file or "").rpartition("/")
         options = sorted(error.options)
-        return (f"unknown {group or 'config'} '{name}'; valid options: {', '.join(options)} "
-                f"(e.g. {group}={options[0]})")
+        return (
+            f"unknown {group or 'config'} '{name}'; valid options: {', '.join(options)} "
+            f"(e.g. {group}={options[0]})"
+        )
     if isinstance(error, HydraException | OmegaConfBaseException):
         cause = error.__cause__
         detail = f" ({_first_line(cause)})" if cause is not None else ""
-        hint = ("; check the spelling (`python -m pipeline --cfg job` prints every key) or add a new "
-                "key with +key=value") if _first_line(error).startswith("Could not override") else ""
+        hint = (
+            (
+                "; check the spelling (`python -m pipeline --cfg job` prints every key) or add a new "
+                "key with +key=value"
+            )
+            if _first_line(error).startswith("Could not override")
+            else ""
+        )
         return f"{_first_line(error)}{detail}{hint}"
     return None

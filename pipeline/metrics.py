@@ -7,13 +7,27 @@ import torch
 # metric keys of an attack run, in the order they are reported; attacks without an
 # eps budget (lbfgs, szegedy_sgd) have no `eps`
 METRIC_KEYS = (
-    "clean_accuracy", "adv_accuracy", "success_rate", "l2_mean", "l2_median",
-    "linf_mean", "linf_max", "l0_mean", "confidence_adv_mean", "eps",
-    "attack_seconds", "images_per_second",
+    "clean_accuracy",
+    "adv_accuracy",
+    "success_rate",
+    "l2_mean",
+    "l2_median",
+    "linf_mean",
+    "linf_max",
+    "l0_mean",
+    "confidence_adv_mean",
+    "eps",
+    "attack_seconds",
+    "images_per_second",
 )
 # further keys on every attack run
-EXTRA_KEYS = ("szegedy_distortion_mean", "top5_success_rate", "confidence_clean_mean",
-              "forward_passes_per_image", "backward_passes_per_image")
+EXTRA_KEYS = (
+    "szegedy_distortion_mean",
+    "top5_success_rate",
+    "confidence_clean_mean",
+    "forward_passes_per_image",
+    "backward_passes_per_image",
+)
 # further keys of attacks without an eps budget (minimal-perturbation attacks: lbfgs, cw_l2, ...)
 MIN_NORM_KEYS = ("min_l2_mean", "min_l2_median")
 
@@ -46,9 +60,14 @@ def _prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pred, logits.softmax(1).gather(1, pred[:, None]).squeeze(1)
 
 
-def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
-               clean_logits: torch.Tensor, adv_logits: torch.Tensor,
-               target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def per_sample(
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    clean_logits: torch.Tensor,
+    adv_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-image outcome of one attack on a batch; every value has shape (B,).
 
     `success` holds only for images the model gets right when clean: untargeted, the
@@ -61,12 +80,17 @@ def per_sample(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
     fooled = adv_pred == target if target is not None else adv_pred != y
     top5 = adv_logits.topk(min(5, adv_logits.shape[1]), dim=1).indices  # (B, 5)
     return {
-        "clean_pred": clean_pred, "clean_confidence": clean_conf,
-        "adv_pred": adv_pred, "adv_confidence": adv_conf,
-        "clean_correct": clean_correct, "adv_correct": adv_pred == y,
+        "clean_pred": clean_pred,
+        "clean_confidence": clean_conf,
+        "adv_pred": adv_pred,
+        "adv_confidence": adv_conf,
+        "clean_correct": clean_correct,
+        "adv_correct": adv_pred == y,
         "success": clean_correct & fooled,
         "top5_success": clean_correct & (top5 != y[:, None]).all(1),  # y left the top 5
-        "l0": l0(delta), "l2": l2(delta), "linf": linf(delta),
+        "l0": l0(delta),
+        "l2": l2(delta),
+        "linf": linf(delta),
         "distortion": szegedy_distortion(delta),
     }
 
@@ -110,8 +134,7 @@ def min_norm_summary(samples: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"min_l2_mean": found.mean().item(), "min_l2_median": found.median().item()}
 
 
-def robustness_curve(samples: dict[str, torch.Tensor], points: int = 50
-                     ) -> tuple[list[float], list[float]]:
+def robustness_curve(samples: dict[str, torch.Tensor], points: int = 50) -> tuple[list[float], list[float]]:
     """Accuracy against an L2 budget, from one minimal-perturbation run without re-running: at
     radius r an image counts as correct if it is correct when clean and the attack found no
     adversarial within r. Radii from 0 to the largest successful L2, `points` of them (the one

@@ -38,18 +38,17 @@ class CoreSplit:
         started = threading.Barrier(workers)
 
         def single_threaded() -> None:
-            torch.get_num_threads()   # settle this thread's lazy default first,
+            torch.get_num_threads()  # settle this thread's lazy default first,
             torch.set_num_threads(1)  # then give it one intra-op thread
-            started.wait()            # so that every worker starts now
+            started.wait()  # so that every worker starts now
 
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="core-split",
-                                       initializer=single_threaded)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="core-split", initializer=single_threaded)
         list(self.pool.map(lambda _: None, range(workers)))
         torch.set_num_threads(main_threads)  # the process-wide default stays as it was
 
     def __call__(self, fn: Callable, x: torch.Tensor, *more: torch.Tensor | None):
         per_worker = -(-len(x) // (self.slice_size * self.workers))  # ceil: slices per worker
-        n = self.workers * per_worker                                  # equal work for every core
+        n = self.workers * per_worker  # equal work for every core
         columns = [t.tensor_split(n) if t is not None else [None] * n for t in (x, *more)]
         slices = [args for args in zip(*columns, strict=True) if len(args[0])]
         return _concat(list(self.pool.map(lambda args: fn(*args), slices)))
@@ -73,8 +72,9 @@ def _concat(parts: list) -> Any:
         return {key: _concat([p[key] for p in parts]) for key in first}
     if dataclasses.is_dataclass(first):
         assert not isinstance(first, type)  # the slices' results are instances, not classes
-        return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts])
-                              for f in dataclasses.fields(first)})
+        return type(first)(
+            **{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+        )
     return [_concat(list(column)) for column in zip(*parts, strict=True)]
 
 

@@ -59,9 +59,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             attack_done = time.perf_counter()
             tracker.set_tags(run_id, {"cpu_workers_used": str(result.cpu_workers)})
             _log_result(tracker, run_id, cfg, result, victim, [data.names[i] for i in indices])
-            tracker.log_metrics(run_id, {
-                "seconds_setup": setup_done - start, "seconds_attack_step": attack_done - setup_done,
-                "seconds_tracking": time.perf_counter() - attack_done, **memory_mb()})
+            tracker.log_metrics(
+                run_id,
+                {
+                    "seconds_setup": setup_done - start,
+                    "seconds_attack_step": attack_done - setup_done,
+                    "seconds_tracking": time.perf_counter() - attack_done,
+                    **memory_mb(),
+                },
+            )
         _print_summary(cfg, result, tracker, run_id)
         return result.metrics[-1]
     finally:
@@ -71,8 +77,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 @dataclass
 class Job:
     """What the run-control guards decided for this process."""
+
     cfg: DictConfig
-    tracked: bool = True                 # False on a DDP worker rank: rank 0 tracks
+    tracked: bool = True  # False on a DDP worker rank: rank 0 tracks
     done: dict[str, float] | None = None  # a resumed sweep's point that already has a FINISHED run
 
 
@@ -87,8 +94,14 @@ def _run_control(cfg: DictConfig, tracker: Tracker) -> Job:
     parent = os.environ.get(PARENT_ENV)
     if parent and cfg.resume:
         digest = config_hash(cfg)
-        done = next((r for r in tracker.children(cfg.tracking.experiment, parent)
-                     if r.info.status == "FINISHED" and r.data.tags.get("config_hash") == digest), None)
+        done = next(
+            (
+                r
+                for r in tracker.children(cfg.tracking.experiment, parent)
+                if r.info.status == "FINISHED" and r.data.tags.get("config_hash") == digest
+            ),
+            None,
+        )
         if done is not None:
             print(f"{_run_name(cfg)}: already done in run {done.info.run_id}; skipped")
             return Job(cfg, done=dict(done.data.metrics))
@@ -98,6 +111,7 @@ def _run_control(cfg: DictConfig, tracker: Tracker) -> Job:
 @dataclass
 class Victim:
     """The classifier under attack, its class names, and tags saying where it came from."""
+
     net: nn.Module
     class_names: list[str]
     tags: dict[str, str]
@@ -113,21 +127,29 @@ def _model_under_attack(cfg: DictConfig, data, tracker: Tracker) -> Victim:
             tags["skipped_images"] = ", ".join(data.skipped)[:5000]
         return Victim(model.net, model.class_names, tags)
     checkpoint = checkpoint_for(cfg, data, tracker)
-    return Victim(load_classifier(checkpoint.path), [str(c) for c in range(cfg.data.num_classes)],
-                  checkpoint.tags())
+    return Victim(
+        load_classifier(checkpoint.path), [str(c) for c in range(cfg.data.num_classes)], checkpoint.tags()
+    )
 
 
 @contextmanager
-def _attack_run(cfg: DictConfig, tracker: Tracker, data, victim: Victim,
-                indices: list[int]) -> Iterator[str]:
+def _attack_run(cfg: DictConfig, tracker: Tracker, data, victim: Victim, indices: list[int]) -> Iterator[str]:
     """The job's MLflow run (a child of the sweep's parent, if any) with its config, overrides
     and eval-subset indices logged; it ends FINISHED, or FAILED/KILLED with the error."""
-    tags = {"stage": "attack", "config_hash": config_hash(cfg), **victim.tags,
-            **{f"data_sha256.{name}": sha for name, sha in data.checksums.items()}}
-    artifacts = {"config.yaml": OmegaConf.to_container(cfg, resolve=True),
-                 "overrides.yaml": _overrides(), "eval_indices.json": indices}
-    with tracker.run(cfg.tracking.experiment, _run_name(cfg), flatten(cfg), tags,
-                     parent_id=os.environ.get(PARENT_ENV)) as run_id:
+    tags = {
+        "stage": "attack",
+        "config_hash": config_hash(cfg),
+        **victim.tags,
+        **{f"data_sha256.{name}": sha for name, sha in data.checksums.items()},
+    }
+    artifacts = {
+        "config.yaml": OmegaConf.to_container(cfg, resolve=True),
+        "overrides.yaml": _overrides(),
+        "eval_indices.json": indices,
+    }
+    with tracker.run(
+        cfg.tracking.experiment, _run_name(cfg), flatten(cfg), tags, parent_id=os.environ.get(PARENT_ENV)
+    ) as run_id:
         for artifact_file, content in artifacts.items():
             tracker.log_dict(run_id, content, artifact_file)
         yield run_id
@@ -150,41 +172,57 @@ def _run_name(cfg: DictConfig) -> str:
     return " ".join(named or overrides) or _label(cfg.attack.name, cfg.attack.get("eps"))
 
 
-def _log_result(tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackResult,
-                victim: Victim, names: list[str]) -> None:
-    for step, (eps, metrics, examples, samples) in enumerate(zip(
-            result.eps, result.metrics, result.examples, result.samples, strict=True)):
+def _log_result(
+    tracker: Tracker, run_id: str, cfg: DictConfig, result: AttackResult, victim: Victim, names: list[str]
+) -> None:
+    for step, (eps, metrics, examples, samples) in enumerate(
+        zip(result.eps, result.metrics, result.examples, result.samples, strict=True)
+    ):
         tracker.log_metrics(run_id, metrics, step=step)
         suffix = "" if eps is None else f"_eps{eps:g}"
         title = f"{_label(cfg.attack.name, eps)} on {cfg.model.name}"
-        grid = example_grid(examples, title, class_names=victim.class_names,
-                            label_word="ref" if victim.tags.get("labels", "").startswith("model") else "true")
+        grid = example_grid(
+            examples,
+            title,
+            class_names=victim.class_names,
+            label_word="ref" if victim.tags.get("labels", "").startswith("model") else "true",
+        )
         tracker.log_figure(run_id, grid, f"examples{suffix}.png", image_key=ui.IMAGE_KEY, step=step)
-        tracker.log_table(run_id, per_image_table(names, victim.class_names, samples),
-                          f"per_image{suffix}.json")
+        tracker.log_table(
+            run_id, per_image_table(names, victim.class_names, samples), f"per_image{suffix}.json"
+        )
         if eps is None:  # a minimal-perturbation attack: the norms it found and what they imply
             radii, accuracy = robustness_curve(samples)
             norms = samples["l2"][samples["success"]].tolist()
-            tracker.log_figure(run_id, min_norm_figure(norms, radii, accuracy, f"{title}: minimal L2"),
-                               "min_norm.png")
-            tracker.log_table(run_id, {"l2_budget": radii, "accuracy": accuracy},
-                              "robustness_curve.json")
+            tracker.log_figure(
+                run_id, min_norm_figure(norms, radii, accuracy, f"{title}: minimal L2"), "min_norm.png"
+            )
+            tracker.log_table(run_id, {"l2_budget": radii, "accuracy": accuracy}, "robustness_curve.json")
     if len(result.eps) > 1:
-        curves = {key: {"": (result.eps, [m[key] for m in result.metrics])}
-                  for key in ("success_rate", "adv_accuracy", "l2_mean")}
-        tracker.log_figure(run_id, metric_curves("eps", curves, f"{cfg.attack.name} eps list"),
-                           "eps_curve.png")
+        curves = {
+            key: {"": (result.eps, [m[key] for m in result.metrics])}
+            for key in ("success_rate", "adv_accuracy", "l2_mean")
+        }
+        tracker.log_figure(
+            run_id, metric_curves("eps", curves, f"{cfg.attack.name} eps list"), "eps_curve.png"
+        )
 
 
 def per_image_table(names: list[str], class_names: list[str], samples: dict[str, torch.Tensor]) -> dict:
     """One row per attacked image: names of the true, clean and adversarial classes (and the
     target), confidences, norms and success — for MLflow's table view."""
+
     def named(key):
         return [class_names[i] for i in samples[key].tolist()]
 
-    table = {"image": names, "true": named("y"), "clean": named("clean_pred"),
-             "clean_confidence": samples["clean_confidence"].tolist(), "adversarial": named("adv_pred"),
-             "adv_confidence": samples["adv_confidence"].tolist()}
+    table = {
+        "image": names,
+        "true": named("y"),
+        "clean": named("clean_pred"),
+        "clean_confidence": samples["clean_confidence"].tolist(),
+        "adversarial": named("adv_pred"),
+        "adv_confidence": samples["adv_confidence"].tolist(),
+    }
     if "target" in samples:
         table["target"] = named("target")
     table |= {key: samples[key].tolist() for key in ("success", "l2", "linf")}
@@ -193,7 +231,9 @@ def per_image_table(names: list[str], class_names: list[str], samples: dict[str,
 
 def _print_summary(cfg: DictConfig, result: AttackResult, tracker: Tracker, run_id: str) -> None:
     for eps, m in zip(result.eps, result.metrics, strict=True):
-        print(f"{_label(cfg.attack.name, eps)}: clean acc {m['clean_accuracy']:.2%}, "
-              f"adv acc {m['adv_accuracy']:.2%}, success {m['success_rate']:.2%}, "
-              f"L2 {m['l2_mean']:.3f}, {m['images_per_second']:,.0f} img/s")
+        print(
+            f"{_label(cfg.attack.name, eps)}: clean acc {m['clean_accuracy']:.2%}, "
+            f"adv acc {m['adv_accuracy']:.2%}, success {m['success_rate']:.2%}, "
+            f"L2 {m['l2_mean']:.3f}, {m['images_per_second']:,.0f} img/s"
+        )
     print(f"MLflow run {run_id} in {tracker.uri}: {tracker.run_url(run_id)}")

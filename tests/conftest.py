@@ -23,9 +23,15 @@ from pipeline.data.mnist import ensure_mnist
 DATA_ROOT = PROJECT_ROOT / "outputs" / "data"
 
 # overrides that make a whole train+attack job take seconds
-SMALL = ["train.n_train=2000", "train.epochs=1", "train.batch_size=64",
-         "train.log_every_n_steps=5", "n_eval=200", "attack.batch_size=100",
-         "trainer.enable_progress_bar=false"]
+SMALL = [
+    "train.n_train=2000",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.log_every_n_steps=5",
+    "n_eval=200",
+    "attack.batch_size=100",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +90,24 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = (home / "server.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.tracking.server", "--store", f"sqlite:///{home}/server.db",
-         "--artifacts", str(home / "served"), "--port", str(port), "--workers", "1"],
-        cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "pipeline.tracking.server",
+            "--store",
+            f"sqlite:///{home}/server.db",
+            "--artifacts",
+            str(home / "served"),
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:

@@ -43,8 +43,11 @@ def edited_conf(tmp_path):
     """A copy of conf/ with DeepFool's and PGD's `steps` and BIM's changed in their attack configs."""
     conf = tmp_path / "conf"
     shutil.copytree(CONFIG_DIR, conf)
-    for name, old, new in (("deepfool", "steps: 50 ", "steps: 7  "), ("pgd", "steps: 40", "steps: 9"),
-                           ("bim", "steps: 10", "steps: 3")):
+    for name, old, new in (
+        ("deepfool", "steps: 50 ", "steps: 7  "),
+        ("pgd", "steps: 40", "steps: 9"),
+        ("bim", "steps: 10", "steps: 3"),
+    ):
         path = conf / "attack" / f"{name}.yaml"
         text = path.read_text()
         assert text.count(old) == 1
@@ -113,11 +116,14 @@ def test_the_shared_base_is_not_an_attack():
         make_config(["attack=attack_base"])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["attack=bim", "+attack.decay=0.5"], r"^attack: unknown key\(s\) \['decay'\]; pipeline.attacks.bim"),
-    (["attack.function=pipeline.attacks.nope"], r"^attack.function='pipeline.attacks.nope' cannot be"),
-    (["attack.function=pipeline.attacks.losses"], r"is not a function"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["attack=bim", "+attack.decay=0.5"], r"^attack: unknown key\(s\) \['decay'\]; pipeline.attacks.bim"),
+        (["attack.function=pipeline.attacks.nope"], r"^attack.function='pipeline.attacks.nope' cannot be"),
+        (["attack.function=pipeline.attacks.losses"], r"is not a function"),
+    ],
+)
 def test_attack_function_and_keys_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(make_config(overrides))

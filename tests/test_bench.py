@@ -16,8 +16,18 @@ NEW_ATTACKS = ("bim", "pgd", "pgd_l2", "mifgsm", "cw_l2", "deepfool")
 
 
 def bench_config(outputs, *extra):
-    return make_config([*small_overrides(outputs), "n=48", "batch_size=16", "repeats=1", "cpu_workers=2",
-                        "end_to_end.n_eval=32", *extra], name="bench")
+    return make_config(
+        [
+            *small_overrides(outputs),
+            "n=48",
+            "batch_size=16",
+            "repeats=1",
+            "cpu_workers=2",
+            "end_to_end.n_eval=32",
+            *extra,
+        ],
+        name="bench",
+    )
 
 
 @pytest.mark.slow
@@ -68,8 +78,15 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
 
 @pytest.mark.slow
 def test_optimisation_attack_rows(mnist_root, store, tmp_path):
-    report = run_bench(bench_config(tmp_path, "attacks=[szegedy_sgd,lbfgs]", "sections=[attacks]",
-                                    "per_attack.szegedy_sgd.n=8", "per_attack.lbfgs.n=8"))
+    report = run_bench(
+        bench_config(
+            tmp_path,
+            "attacks=[szegedy_sgd,lbfgs]",
+            "sections=[attacks]",
+            "per_attack.szegedy_sgd.n=8",
+            "per_attack.lbfgs.n=8",
+        )
+    )
     rows = {(r["attack"], r["key"]): r for r in report["attacks"]}
     sgd = {key: r for (attack, key), r in rows.items() if attack == "szegedy_sgd"}
     assert set(sgd) == {"ours", "ours_one_call", "floor", "floor_split"}  # no peer implements it
@@ -89,23 +106,41 @@ def test_optimisation_attack_rows(mnist_root, store, tmp_path):
 @pytest.mark.slow
 def test_iterative_and_minimal_norm_rows(mnist_root, store, tmp_path):
     steps = [f"per_attack.{attack}.steps=5" for attack in ("bim", "pgd", "pgd_l2", "mifgsm")]
-    report = run_bench(bench_config(
-        tmp_path, f"attacks=[{','.join(NEW_ATTACKS)}]", "sections=[attacks]", "n=12", *steps,
-        "per_attack.cw_l2.n=8", "per_attack.cw_l2.binary_steps=2", "per_attack.cw_l2.steps=10",
-        "per_attack.deepfool.steps=10"))
+    report = run_bench(
+        bench_config(
+            tmp_path,
+            f"attacks=[{','.join(NEW_ATTACKS)}]",
+            "sections=[attacks]",
+            "n=12",
+            *steps,
+            "per_attack.cw_l2.n=8",
+            "per_attack.cw_l2.binary_steps=2",
+            "per_attack.cw_l2.steps=10",
+            "per_attack.deepfool.steps=10",
+        )
+    )
     rows = {(r["attack"], r["key"]): r for r in report["attacks"]}
     peers = {"torchattacks", "foolbox", "art"}
     for attack in NEW_ATTACKS:
         keys = {key for (a, key) in rows if a == attack}
-        assert keys == {"ours", "ours_one_call", "floor", "floor_split",
-                        *(peers - {"art"} if attack == "cw_l2" else peers)}, attack
+        assert keys == {
+            "ours",
+            "ours_one_call",
+            "floor",
+            "floor_split",
+            *(peers - {"art"} if attack == "cw_l2" else peers),
+        }, attack
         assert rows[attack, "ours"]["images"] == (8 if attack == "cw_l2" else 12)
         assert rows[attack, "ours_one_call"]["agrees"]  # split over cores or not: the same attack
 
     # the same hyper-parameters for ours and every peer, in every row
     assert rows["bim", "torchattacks"]["params"] == {"eps": 0.1, "alpha": 0.1 / 5, "steps": 5}
-    assert rows["pgd_l2", "art"]["params"] == {"eps": 1.5, "alpha": 2.5 * 1.5 / 5, "steps": 5,
-                                              "random_start": False}
+    assert rows["pgd_l2", "art"]["params"] == {
+        "eps": 1.5,
+        "alpha": 2.5 * 1.5 / 5,
+        "steps": 5,
+        "random_start": False,
+    }
     assert rows["cw_l2", "foolbox"]["params"]["binary_steps"] == 2
 
     # floors: the iterative attacks' steps; cw_l2 and deepfool as counted in ours
@@ -116,8 +151,13 @@ def test_iterative_and_minimal_norm_rows(mnist_root, store, tmp_path):
     assert rows["deepfool", "floor"]["implementation"].startswith("floor: fwd + 9-logit Jacobian")
 
     # exact peers give our adversarials (to float rounding) and our adversarial accuracy
-    not_exact = {("mifgsm", "foolbox"), ("cw_l2", "torchattacks"), ("cw_l2", "foolbox"),
-                 ("deepfool", "torchattacks"), ("deepfool", "art")}
+    not_exact = {
+        ("mifgsm", "foolbox"),
+        ("cw_l2", "torchattacks"),
+        ("cw_l2", "foolbox"),
+        ("deepfool", "torchattacks"),
+        ("deepfool", "art"),
+    }
     for (attack, key), row in rows.items():
         if row["role"] != "peer":
             continue
@@ -146,13 +186,16 @@ def per_attack(name, *overrides):
 
 
 def test_hyper_parameters():
-    assert hyper_parameters("pgd", per_attack("pgd", "eps=0.3", "per_attack.pgd.n=5",
-                                              "per_attack.pgd.steps=4")) == {
-        "eps": 0.3, "alpha": 2.5 * 0.3 / 4, "steps": 4, "random_start": False}
+    assert hyper_parameters(
+        "pgd", per_attack("pgd", "eps=0.3", "per_attack.pgd.n=5", "per_attack.pgd.steps=4")
+    ) == {"eps": 0.3, "alpha": 2.5 * 0.3 / 4, "steps": 4, "random_start": False}
     assert hyper_parameters("bim", per_attack("bim", "per_attack.bim.alpha=0.05"))["alpha"] == 0.05
     assert hyper_parameters("pgd_l2", per_attack("pgd_l2", "eps=0.1"))["eps"] == 1.5  # its own L2 radius
     assert hyper_parameters("deepfool", per_attack("deepfool", "eps=0.1")) == {
-        "steps": 50, "overshoot": 0.02, "candidates": 10}
+        "steps": 50,
+        "overshoot": 0.02,
+        "candidates": 10,
+    }
     assert hyper_parameters("lbfgs", per_attack("lbfgs", "per_attack.lbfgs.repeats=1")) == {}
     assert ATTACKS["pgd"].floor({"steps": 7}) == 7 and ATTACKS["cw_l2"].floor({}) is None
     assert ATTACKS["deepfool"].jacobian_rows({"candidates": None}, 10) == 9
@@ -161,16 +204,21 @@ def test_hyper_parameters():
         hyper_parameters("bim", per_attack("bim", "+per_attack.bim.decay=0.5"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("attacks=[nope]",
-     r"no benchmark for attack\(s\) \['nope'\]; choose from \['bim', 'cw_l2', 'deepfool', 'fgsm', "
-     r"'lbfgs', 'mifgsm', 'pgd', 'pgd_l2', 'szegedy_sgd'\]"),
-    ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
-    ("n=0", r"n=0 must be a positive integer"),
-    ("batch_size=-1", r"batch_size=-1 must be a positive integer"),
-    ("+per_attack.cw_l2.stepz=10", r"per_attack.cw_l2: unknown key\(s\) \['stepz'\]"),
-    ("per_attack.pgd.repeats=0", r"per_attack.pgd.repeats=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "attacks=[nope]",
+            r"no benchmark for attack\(s\) \['nope'\]; choose from \['bim', 'cw_l2', 'deepfool', 'fgsm', "
+            r"'lbfgs', 'mifgsm', 'pgd', 'pgd_l2', 'szegedy_sgd'\]",
+        ),
+        ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
+        ("n=0", r"n=0 must be a positive integer"),
+        ("batch_size=-1", r"batch_size=-1 must be a positive integer"),
+        ("+per_attack.cw_l2.stepz=10", r"per_attack.cw_l2: unknown key\(s\) \['stepz'\]"),
+        ("per_attack.pgd.repeats=0", r"per_attack.pgd.repeats=0 must be a positive integer"),
+    ],
+)
 def test_bad_bench_config(override, message, store, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_bench(bench_config(tmp_path, override))

@@ -22,15 +22,23 @@ SWEEP = ["attack=fgsm", "eps=0.05,0.1,0.2"]  # as in README: python -m pipeline 
 
 def cli(args, store, timeout=600):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def sweep_children(store, experiment=None):
     runs = all_runs(store, experiment)
     parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
-    return parents, {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId")
-                                     == p.info.run_id] for p in parents}
+    return parents, {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        for p in parents
+    }
 
 
 @pytest.mark.slow
@@ -43,7 +51,8 @@ def test_sweep_as_typed_then_rerun_gives_identical_metrics(mnist_root, store, tm
     assert parent.info.status == "FINISHED" and len(kids) == 3
     client = MlflowClient(store)
     assert {"summary_success_accuracy.png", "summary_l2.png", "sweep_summary.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     assert parent.data.metrics["jobs"] == 3 and parent.data.metrics["jobs_failed"] == 0
     by_eps = {}
     for kid in kids:
@@ -52,8 +61,10 @@ def test_sweep_as_typed_then_rerun_gives_identical_metrics(mnist_root, store, tm
         eps = kid.data.metrics["eps"]
         assert kid.data.params["eps"] == f"{eps:g}"
         assert f"examples_eps{eps:g}.png" in {a.path for a in client.list_artifacts(kid.info.run_id)}
-        assert any(a.path.startswith(f"images/{ui.IMAGE_KEY}+step+0+") and a.path.endswith(".png")
-                   for a in client.list_artifacts(kid.info.run_id, "images"))  # for the UI's image chart
+        assert any(
+            a.path.startswith(f"images/{ui.IMAGE_KEY}+step+0+") and a.path.endswith(".png")
+            for a in client.list_artifacts(kid.info.run_id, "images")
+        )  # for the UI's image chart
         by_eps[eps] = kid.data.metrics
     assert sorted(by_eps) == [0.05, 0.1, 0.2]
     rates = [by_eps[eps]["success_rate"] for eps in sorted(by_eps)]
@@ -76,13 +87,18 @@ def test_bad_input_in_a_real_process(store, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown attack 'nope'; valid options: bim, cw_l2, deepfool, fgsm, lbfgs, mifgsm, pgd, "
-        "pgd_l2, szegedy_sgd (e.g. attack=bim)"]
+        "pgd_l2, szegedy_sgd (e.g. attack=bim)"
+    ]
     assert all_runs(store) == []
 
 
 def _argv(args, outputs):
-    return ["pipeline", *([] if outputs is None else [f"paths.outputs={outputs}"]),
-            "trainer.enable_progress_bar=false", *args]
+    return [
+        "pipeline",
+        *([] if outputs is None else [f"paths.outputs={outputs}"]),
+        "trainer.enable_progress_bar=false",
+        *args,
+    ]
 
 
 def invoke(task, args, outputs):
@@ -113,8 +129,7 @@ def test_unreachable_tracking_server_in_a_sweep(tmp_path, capsys, monkeypatch):
     assert "is unreachable" in line
 
 
-def test_a_failing_job_fails_the_sweep_but_not_the_others(mnist_root, store, tmp_path, capsys,
-                                                          monkeypatch):
+def test_a_failing_job_fails_the_sweep_but_not_the_others(mnist_root, store, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", sys.argv)
     args = [*SMALL, "checkpoint=/no/such/model.ckpt,null", "-m"]  # only found missing inside the job
     assert invoke(main, args, tmp_path) == 2
@@ -128,8 +143,7 @@ def test_a_failing_job_fails_the_sweep_but_not_the_others(mnist_root, store, tmp
     assert not [r for r in all_runs(store) if r.info.status == "RUNNING"]
 
 
-def test_fail_fast_stops_the_sweep_at_the_first_failed_job(mnist_root, store, tmp_path, capsys,
-                                                           monkeypatch):
+def test_fail_fast_stops_the_sweep_at_the_first_failed_job(mnist_root, store, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", sys.argv)
     args = [*SMALL, "checkpoint=/no/such/model.ckpt,null", "fail_fast=true", "-m"]
     assert invoke(main, args, tmp_path) == 2
@@ -177,7 +191,8 @@ def test_lbfgs_as_typed(mnist_root, store, tmp_path):
     assert set(METRIC_KEYS) - {"eps"} <= set(metrics) and "eps" not in metrics
     assert metrics["success_rate"] > 0.9 and metrics["c_final_median"] > 0
     assert metrics["szegedy_distortion_mean"] == pytest.approx(
-        metrics["l2_mean"] / 28, rel=0.5)  # distortion = L2 / sqrt(784), success-only mean
+        metrics["l2_mean"] / 28, rel=0.5
+    )  # distortion = L2 / sqrt(784), success-only mean
     assert metrics["forward_passes_per_image"] > 10
     assert "examples.png" in {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)}
 
@@ -188,18 +203,27 @@ def test_szegedy_table1_experiment_and_table(mnist_root, store, tmp_path, capsys
     from pipeline.papers.table1 import main as table1_main
 
     monkeypatch.setattr(sys, "argv", sys.argv)
-    invoke_ok(main, [*SMALL, "n_eval=16", "experiment=szegedy_table1", "attack.c_steps=3",
-                     "attack.max_iter=20", "-m"], tmp_path)
+    invoke_ok(
+        main,
+        [*SMALL, "n_eval=16", "experiment=szegedy_table1", "attack.c_steps=3", "attack.max_iter=20", "-m"],
+        tmp_path,
+    )
     parents, children = sweep_children(store)
     (parent,) = parents
     kids = children[parent.info.run_id]
     assert sorted(k.data.params["model.name"] for k in kids) == sorted(PAPER)
     assert {k.data.params["attack.name"] for k in kids} == {"lbfgs"}
     decay = {k.data.params["model.name"]: k.data.params["train.weight_decay"] for k in kids}
-    assert decay == {"fc10_1e-4": "0.0001", "fc10_1e-2": "0.01", "fc10_1": "1",
-                     "fc100_100": "0.0", "fc200_200": "0.0"}
+    assert decay == {
+        "fc10_1e-4": "0.0001",
+        "fc10_1e-2": "0.01",
+        "fc10_1": "1",
+        "fc100_100": "0.0",
+        "fc200_200": "0.0",
+    }
     assert {"summary_success_accuracy.png"} <= {
-        a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
+        a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)
+    }
 
     capsys.readouterr()
     invoke_ok(table1_main, [], tmp_path)
@@ -230,9 +254,11 @@ def test_sweep_over_attacks_and_eps_draws_one_line_per_attack(mnist_root, store,
     assert parent.data.tags["sweep.swept_keys"] == "attack,eps"
     client = MlflowClient(store)
     assert {"summary_success_accuracy.png", "summary_series.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
-    series = json.loads(open(client.download_artifacts(
-        parent.info.run_id, "summary_series.json", str(tmp_path))).read())
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    series = json.loads(
+        open(client.download_artifacts(parent.info.run_id, "summary_series.json", str(tmp_path))).read()
+    )
     for metric in ("adv_accuracy", "success_rate"):
         assert set(series[metric]) == {"attack=fgsm", "attack=pgd"}
         for line in series[metric].values():

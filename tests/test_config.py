@@ -8,8 +8,11 @@ from pipeline.config import CONFIG_DIR, attack_fn, build, flatten, validate
 from pipeline.errors import ConfigError
 from tests.conftest import make_config
 
-GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
-          for group in CONFIG_DIR.iterdir() if group.is_dir()}
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    for group in CONFIG_DIR.iterdir()
+    if group.is_dir()
+}
 
 
 def test_groups_exist():
@@ -17,18 +20,19 @@ def test_groups_exist():
 
 
 # options that only fit a partner: ImageNet models need photos (and VGG16 random weights offline)
-PARTNERS = {("data", "imagenet"): ["model=efficientnet_lite0"],
-            ("model", "vgg16"): ["data=imagenet", "model.weights=null"],
-            ("model", "efficientnet_lite0"): ["data=imagenet"],
-            ("experiment", "szegedy_table1"): []}
+PARTNERS = {
+    ("data", "imagenet"): ["model=efficientnet_lite0"],
+    ("model", "vgg16"): ["data=imagenet", "model.weights=null"],
+    ("model", "efficientnet_lite0"): ["data=imagenet"],
+    ("experiment", "szegedy_table1"): [],
+}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     import torch
 
-    cfg = make_config([f"{group}={option}", f"paths.outputs={tmp_path}",
-                       *PARTNERS.get((group, option), [])])
+    cfg = make_config([f"{group}={option}", f"paths.outputs={tmp_path}", *PARTNERS.get((group, option), [])])
     validate(cfg)
     data = build(cfg.data.module)
     assert data.name == cfg.data.name and cfg.tracking.uri.startswith(("sqlite:///", "http"))
@@ -48,10 +52,13 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     assert x_adv.shape == (2, 1, 28, 28)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model=vgg16"], r"model=vgg16 is an ImageNet model and data=mnist does not fit it"),
-    (["data=imagenet"], r"model=cnn is an MNIST model and data=imagenet does not fit it"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=vgg16"], r"model=vgg16 is an ImageNet model and data=mnist does not fit it"),
+        (["data=imagenet"], r"model=cnn is an MNIST model and data=imagenet does not fit it"),
+    ],
+)
 def test_data_and_model_must_fit(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(make_config(overrides))
@@ -70,23 +77,26 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
     assert make_config([]).tracking.uri == "http://tracking.example:5000"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["eps=-0.1"], r"eps=-0.1 is out of range.*between 0 and 1"),
-    (["eps=1.5"], r"eps=1.5 is out of range"),
-    (["eps=abc"], r"eps='abc' is not a number"),
-    (["eps=nan"], r"is not a number"),
-    (["attack.eps_list=[0.1,2]"], r"attack.eps_list=2 is out of range"),
-    (["attack.eps_list=[]"], r"must be a non-empty list"),
-    (["n_eval=0"], r"n_eval=0 must be a positive integer"),
-    (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
-    (["attack.batch_size=0"], r"attack.batch_size=0 must be a positive integer"),
-    (["attack=szegedy_sgd", "attack.reg=-1"], r"attack.reg=-1 must be a non-negative number"),
-    (["attack=lbfgs", "attack.c_init=nan"], r"attack.c_init=nan must be a non-negative number"),
-    (["cpu_workers=0"], r"cpu_workers=0 must be 'auto' or a positive integer"),
-    (["cpu_workers=some"], r"cpu_workers='some' must be 'auto' or a positive integer"),
-    (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
-    (["attack.targeted=true", "attack.target=sideways"], r"attack.target='sideways' is unknown"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eps=-0.1"], r"eps=-0.1 is out of range.*between 0 and 1"),
+        (["eps=1.5"], r"eps=1.5 is out of range"),
+        (["eps=abc"], r"eps='abc' is not a number"),
+        (["eps=nan"], r"is not a number"),
+        (["attack.eps_list=[0.1,2]"], r"attack.eps_list=2 is out of range"),
+        (["attack.eps_list=[]"], r"must be a non-empty list"),
+        (["n_eval=0"], r"n_eval=0 must be a positive integer"),
+        (["n_eval=10001"], r"n_eval=10001 is larger than the 10000 images"),
+        (["attack.batch_size=0"], r"attack.batch_size=0 must be a positive integer"),
+        (["attack=szegedy_sgd", "attack.reg=-1"], r"attack.reg=-1 must be a non-negative number"),
+        (["attack=lbfgs", "attack.c_init=nan"], r"attack.c_init=nan must be a non-negative number"),
+        (["cpu_workers=0"], r"cpu_workers=0 must be 'auto' or a positive integer"),
+        (["cpu_workers=some"], r"cpu_workers='some' must be 'auto' or a positive integer"),
+        (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
+        (["attack.targeted=true", "attack.target=sideways"], r"attack.target='sideways' is unknown"),
+    ],
+)
 def test_bad_values_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(make_config(overrides))

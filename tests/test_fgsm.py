@@ -11,9 +11,9 @@ from pipeline.attacks import fgsm
 def _linear_model() -> nn.Linear:
     model = nn.Linear(4, 3)
     with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0.0],
-                                         [-1.0, 1.0, 2.0, -0.5],
-                                         [0.3, 0.2, -1.0, 1.5]]))
+        model.weight.copy_(
+            torch.tensor([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, 2.0, -0.5], [0.3, 0.2, -1.0, 1.5]])
+        )
         model.bias.copy_(torch.tensor([0.1, -0.2, 0.05]))
     return model.eval()
 
@@ -33,8 +33,9 @@ def test_matches_hand_computation_on_linear_model(eps):
     y = torch.arange(16) % 3
     target = (y + 1) % 3
     assert torch.equal(fgsm(model, x, y, eps), _hand_fgsm(model, x, y, eps, +1))
-    assert torch.equal(fgsm(model, x, y, eps, targeted=True, target=target),
-                       _hand_fgsm(model, x, target, eps, -1))
+    assert torch.equal(
+        fgsm(model, x, y, eps, targeted=True, target=target), _hand_fgsm(model, x, target, eps, -1)
+    )
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.1, 0.25])

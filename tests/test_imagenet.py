@@ -62,8 +62,9 @@ def test_fgsm_at_a_small_eps_changes_the_cats_class(lite0, photos):
 
 
 def _imagenet(tmp_path, *extra):
-    return make_config(["data=imagenet", f"paths.outputs={tmp_path}", "trainer.enable_progress_bar=false",
-                        *extra])
+    return make_config(
+        ["data=imagenet", f"paths.outputs={tmp_path}", "trainer.enable_progress_bar=false", *extra]
+    )
 
 
 def test_vgg16_with_random_weights_runs_the_whole_step(store, tmp_path):
@@ -82,8 +83,11 @@ def test_an_fgsm_sweep_on_the_bundled_photos(store, tmp_path, monkeypatch):
     from tests.test_cli import invoke_ok, sweep_children
 
     monkeypatch.setattr(sys, "argv", sys.argv)
-    invoke_ok(main, ["data=imagenet", "model=efficientnet_lite0", "attack=fgsm",
-                     "eps=0.002,0.005,0.01", "-m"], tmp_path)
+    invoke_ok(
+        main,
+        ["data=imagenet", "model=efficientnet_lite0", "attack=fgsm", "eps=0.002,0.005,0.01", "-m"],
+        tmp_path,
+    )
     (parent,), children = sweep_children(store)
     kids = children[parent.info.run_id]
     assert len(kids) == 3 and all(k.data.params["n_eval"] == "None" for k in kids)
@@ -112,8 +116,11 @@ def test_class_folders_give_true_labels(store, tmp_path):
     table = json.loads(open(path).read())
     column = {name: i for i, name in enumerate(table["columns"])}
     truth = {row[column["image"]]: row[column["true"]] for row in table["data"]}
-    assert truth == {"670/motorcycle.jpg": "motor scooter", "espresso/coffee.jpg": "espresso",
-                     "n02123045/chelsea.jpg": "tabby"}
+    assert truth == {
+        "670/motorcycle.jpg": "motor scooter",
+        "espresso/coffee.jpg": "espresso",
+        "n02123045/chelsea.jpg": "tabby",
+    }
 
 
 def test_an_unreadable_image_is_skipped_with_a_warning(store, tmp_path):
@@ -149,6 +156,8 @@ def test_missing_weights_offline_is_one_clear_line(store, tmp_path, capsys, monk
     code = invoke(main, ["data=imagenet", "model=vgg16", "model.download=false"], tmp_path)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and all_runs(store) == []
-    assert line.startswith("error: vgg16 ImageNet weights are not available offline: place "
-                           "vgg16-397923af.pth (from https://download.pytorch.org/models/vgg16-397923af.pth)")
+    assert line.startswith(
+        "error: vgg16 ImageNet weights are not available offline: place "
+        "vgg16-397923af.pth (from https://download.pytorch.org/models/vgg16-397923af.pth)"
+    )
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in line and "model.weights_path" in line

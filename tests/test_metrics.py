@@ -40,11 +40,11 @@ def test_distances_by_hand():
 def _case(target=None):
     x = torch.zeros(4, 1, 2, 2)
     x_adv = x.clone()
-    x_adv[0, 0, 0, 0] = 0.3          # image 0: one pixel, +0.3
-    x_adv[1] = 0.1                   # image 1: all four pixels, +0.1
+    x_adv[0, 0, 0, 0] = 0.3  # image 0: one pixel, +0.3
+    x_adv[1] = 0.1  # image 1: all four pixels, +0.1
     y = torch.tensor([0, 1, 2, 3])
-    clean = _logits([0, 1, 0, 3])    # image 2 misclassified before the attack
-    adv = _logits([1, 1, 0, 2])      # images 0 and 3 flipped, image 1 held, image 2 still wrong
+    clean = _logits([0, 1, 0, 3])  # image 2 misclassified before the attack
+    adv = _logits([1, 1, 0, 2])  # images 0 and 3 flipped, image 1 held, image 2 still wrong
     return per_sample(x, x_adv, y, clean, adv, target)
 
 
@@ -62,11 +62,11 @@ def test_untargeted_success_counts_only_clean_correct_images():
 def test_top5_success_means_the_true_class_left_the_top_5():
     y = torch.tensor([0, 0, 0])
     clean = torch.zeros(3, 8)
-    clean[:, 0] = 5.0                                   # all three correct when clean
-    adv = torch.arange(8.0).repeat(3, 1)                # class 0 ranked last: out of the top 5
-    adv[1, 0] = 3.5                                     # ranked 4th: still in the top 5
+    clean[:, 0] = 5.0  # all three correct when clean
+    adv = torch.arange(8.0).repeat(3, 1)  # class 0 ranked last: out of the top 5
+    adv[1, 0] = 3.5  # ranked 4th: still in the top 5
     adv[2] = 0.0
-    adv[2, 0] = 1.0                                     # still the top-1
+    adv[2, 0] = 1.0  # still the top-1
     samples = per_sample(torch.zeros(3, 1), torch.zeros(3, 1), y, clean, adv)
     assert samples["top5_success"].tolist() == [True, False, False]
     assert samples["success"].tolist() == [True, True, False]
@@ -104,8 +104,11 @@ def test_robustness_curve_against_brute_force():
 
     g = torch.Generator().manual_seed(0)
     n = 50
-    samples = {"l2": torch.rand(n, generator=g) * 3, "success": torch.rand(n, generator=g) > 0.3,
-               "clean_correct": torch.rand(n, generator=g) > 0.1}
+    samples = {
+        "l2": torch.rand(n, generator=g) * 3,
+        "success": torch.rand(n, generator=g) > 0.3,
+        "clean_correct": torch.rand(n, generator=g) > 0.1,
+    }
     samples["success"] &= samples["clean_correct"]
     radii, accuracy = robustness_curve(samples, points=20)
     for r, acc in zip(radii, accuracy, strict=True):
@@ -156,8 +159,12 @@ def _left_top5(logits, y):
 
 def _distances(row):
     squares = sum(v * v for v in row)
-    return {"l0": sum(v != 0 for v in row), "l2": math.sqrt(squares),
-            "linf": max(abs(v) for v in row), "distortion": math.sqrt(squares / len(row))}
+    return {
+        "l0": sum(v != 0 for v in row),
+        "l2": math.sqrt(squares),
+        "linf": max(abs(v) for v in row),
+        "distortion": math.sqrt(squares / len(row)),
+    }
 
 
 def _per_sample(x, x_adv, y, clean, adv, target):
@@ -166,11 +173,19 @@ def _per_sample(x, x_adv, y, clean, adv, target):
         clean_pred, adv_pred = _argmax(clean[i]), _argmax(adv[i])
         correct = clean_pred == y[i]
         fooled = adv_pred == target[i] if target is not None else adv_pred != y[i]
-        out.append({"clean_pred": clean_pred, "clean_confidence": max(_softmax(clean[i])),
-                    "adv_pred": adv_pred, "adv_confidence": max(_softmax(adv[i])),
-                    "clean_correct": correct, "adv_correct": adv_pred == y[i],
-                    "success": correct and fooled, "top5_success": correct and _left_top5(adv[i], y[i]),
-                    **_distances([b - a for a, b in zip(x[i], x_adv[i], strict=True)])})
+        out.append(
+            {
+                "clean_pred": clean_pred,
+                "clean_confidence": max(_softmax(clean[i])),
+                "adv_pred": adv_pred,
+                "adv_confidence": max(_softmax(adv[i])),
+                "clean_correct": correct,
+                "adv_correct": adv_pred == y[i],
+                "success": correct and fooled,
+                "top5_success": correct and _left_top5(adv[i], y[i]),
+                **_distances([b - a for a, b in zip(x[i], x_adv[i], strict=True)]),
+            }
+        )
     return out
 
 
@@ -181,13 +196,20 @@ def _summarize(s):
     def rate(key):
         return sum(s[key][i] for i in correct) / len(correct) if correct else NAN
 
-    return {"clean_accuracy": _mean(s["clean_correct"]), "adv_accuracy": _mean(s["adv_correct"]),
-            "success_rate": rate("success"), "top5_success_rate": rate("top5_success"),
-            "l2_mean": _mean(s["l2"]), "l2_median": _lower_median(s["l2"]),
-            "linf_mean": _mean(s["linf"]), "linf_max": max(s["linf"]), "l0_mean": _mean(s["l0"]),
-            "confidence_adv_mean": _mean(s["adv_confidence"]),
-            "confidence_clean_mean": _mean(s["clean_confidence"]),
-            "szegedy_distortion_mean": _mean(found) if found else NAN}
+    return {
+        "clean_accuracy": _mean(s["clean_correct"]),
+        "adv_accuracy": _mean(s["adv_correct"]),
+        "success_rate": rate("success"),
+        "top5_success_rate": rate("top5_success"),
+        "l2_mean": _mean(s["l2"]),
+        "l2_median": _lower_median(s["l2"]),
+        "linf_mean": _mean(s["linf"]),
+        "linf_max": max(s["linf"]),
+        "l0_mean": _mean(s["l0"]),
+        "confidence_adv_mean": _mean(s["adv_confidence"]),
+        "confidence_clean_mean": _mean(s["clean_confidence"]),
+        "szegedy_distortion_mean": _mean(found) if found else NAN,
+    }
 
 
 def _successful_l2(s):
@@ -199,8 +221,9 @@ def _successful_l2(s):
 shapes = st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple)  # one image: (1,2,3), (2,), ...
 pixels = st.sampled_from([0.0, 1.0]) | st.floats(0, 1, width=32)
 # small integers give exact ties; tiny floats give logits closer than float32's softmax can tell apart
-logits_values = (st.integers(-2, 2).map(float) | st.floats(-20, 20, width=32)
-                 | st.floats(-2.0**-20, 2.0**-20, width=32))
+logits_values = (
+    st.integers(-2, 2).map(float) | st.floats(-20, 20, width=32) | st.floats(-(2.0**-20), 2.0**-20, width=32)
+)
 
 
 @st.composite
@@ -211,8 +234,9 @@ def attack_batches(draw):
     x = draw(st.lists(st.lists(pixels, min_size=size, max_size=size), min_size=n, max_size=n))
     # None keeps the clean pixel: exact zeros in the perturbation, whole images untouched
     moves = draw(st.lists(st.lists(st.none() | pixels, min_size=size, max_size=size), min_size=n, max_size=n))
-    x_adv = [[p if q is None else q for p, q in zip(a, m, strict=True)]
-             for a, m in zip(x, moves, strict=True)]
+    x_adv = [
+        [p if q is None else q for p, q in zip(a, m, strict=True)] for a, m in zip(x, moves, strict=True)
+    ]
     labels = st.lists(st.integers(0, k - 1), min_size=n, max_size=n)
     logit_row = st.lists(logits_values, min_size=k, max_size=k)
     clean = draw(st.lists(logit_row, min_size=n, max_size=n))
@@ -239,12 +263,15 @@ def outcomes(draw):
     flags = st.lists(st.booleans(), min_size=n, max_size=n)
     correct, hit = draw(flags), draw(flags)
     norms = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 10, width=32)  # zeros and repeats included
-    return {"clean_correct": torch.tensor(correct),
-            "success": torch.tensor([c and h for c, h in zip(correct, hit, strict=True)]),
-            "l2": torch.tensor(draw(st.lists(norms, min_size=n, max_size=n)))}
+    return {
+        "clean_correct": torch.tensor(correct),
+        "success": torch.tensor([c and h for c, h in zip(correct, hit, strict=True)]),
+        "l2": torch.tensor(draw(st.lists(norms, min_size=n, max_size=n))),
+    }
 
 
 # ---- the properties ----
+
 
 @SETTINGS
 @given(shape=shapes, n=st.integers(1, 8), data=st.data())
@@ -252,8 +279,10 @@ def test_distances_match_brute_force(shape, n, data):
     values = st.sampled_from([0.0, -0.0, 1.0, -1.0]) | st.floats(-1, 1, width=32)
     size = math.prod(shape)
     delta = data.draw(st.lists(st.lists(values, min_size=size, max_size=size), min_size=n, max_size=n))
-    got = {name: f(torch.tensor(delta).reshape(n, *shape)).tolist()
-           for name, f in [("l0", l0), ("l2", l2), ("linf", linf), ("distortion", szegedy_distortion)]}
+    got = {
+        name: f(torch.tensor(delta).reshape(n, *shape)).tolist()
+        for name, f in [("l0", l0), ("l2", l2), ("linf", linf), ("distortion", szegedy_distortion)]
+    }
     for i, row in enumerate(delta):
         want = _distances(row)
         assert got["l0"][i] == want["l0"]

@@ -52,16 +52,30 @@ def _hash(*overrides):
 
 def test_cache_key_covers_what_determines_the_weights():
     base = _hash()
-    for changed in (["seed=1"], ["model=mlp"], ["train.epochs=2"], ["train.lr=0.01"],
-                    ["train.n_train=100"], ["data.module.val_size=1000"], ["model.net.hidden=64"],
-                    ["trainer.precision=bf16-mixed"]):
+    for changed in (
+        ["seed=1"],
+        ["model=mlp"],
+        ["train.epochs=2"],
+        ["train.lr=0.01"],
+        ["train.n_train=100"],
+        ["data.module.val_size=1000"],
+        ["model.net.hidden=64"],
+        ["trainer.precision=bf16-mixed"],
+    ):
         assert _hash(*changed) != base, changed
     assert checkpoint_hash(training_config(make_config([]), {"t10k-images-idx3-ubyte": "x"})) != base
 
 
 def test_cache_key_ignores_what_does_not():
     base = _hash()
-    for same in (["train.force=true"], ["eps=0.3"], ["n_eval=10"], ["attack.batch_size=7"],
-                 ["paths.outputs=/elsewhere"], ["paths.data=/elsewhere"],
-                 ["data.module.eval_batch_size=10"], ["trainer.enable_progress_bar=false"]):
+    for same in (
+        ["train.force=true"],
+        ["eps=0.3"],
+        ["n_eval=10"],
+        ["attack.batch_size=7"],
+        ["paths.outputs=/elsewhere"],
+        ["paths.data=/elsewhere"],
+        ["data.module.eval_batch_size=10"],
+        ["trainer.enable_progress_bar=false"],
+    ):
         assert _hash(*same) == base, same

@@ -30,8 +30,7 @@ def _small_mlp(seed: int, dtype=torch.float32) -> nn.Module:
 def test_lbfgs_finds_the_closed_form_minimal_perturbation_of_a_linear_model():
     # two classes: the images where class 1 wins are the half-space (w1 - w0)·x + b1 - b0 > 0,
     # so the smallest L2 change of x that gets there is its distance to that hyperplane
-    model = _linear([[1.0, -0.5, 0.25, 0.0, 2.0, -1.0], [-0.5, 0.5, 0.0, 1.0, 0.5, 0.0]],
-                    [0.3, -0.2])
+    model = _linear([[1.0, -0.5, 0.25, 0.0, 2.0, -1.0], [-0.5, 0.5, 0.0, 1.0, 0.5, 0.0]], [0.3, -0.2])
     x = 0.5 + 0.05 * torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     y, target = torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)
     logits = model(x)
@@ -39,12 +38,19 @@ def test_lbfgs_finds_the_closed_form_minimal_perturbation_of_a_linear_model():
     normal = model.weight[1] - model.weight[0]
     distance = (logits[:, 0] - logits[:, 1]) / normal.norm()
     info = {}
-    x_adv = lbfgs(model, x, y, target, targeted=True,
-                  **attack_params("lbfgs", c_steps=15, ftol=1e-7, gtol=1e-8), info=info)
+    x_adv = lbfgs(
+        model,
+        x,
+        y,
+        target,
+        targeted=True,
+        **attack_params("lbfgs", c_steps=15, ftol=1e-7, gtol=1e-8),
+        info=info,
+    )
     found = (x_adv - x).norm(dim=1)
     assert (model(x_adv).argmax(1) == 1).all()
-    assert (found >= distance - 1e-5).all()             # nothing closer exists
-    assert torch.allclose(found, distance, rtol=1e-3)    # and a fine search gets within 0.1%
+    assert (found >= distance - 1e-5).all()  # nothing closer exists
+    assert torch.allclose(found, distance, rtol=1e-3)  # and a fine search gets within 0.1%
     direction = (x_adv - x) / found[:, None]
     assert torch.allclose(direction, (normal / normal.norm()).expand_as(direction), atol=1e-3)
     assert torch.isfinite(info["c_final"]).all()
@@ -59,8 +65,13 @@ def test_c_search_grows_on_failure_and_bisects_on_success():
     for success in (False, False, True, False, True):
         c, low, high = next_c(c, low, high, torch.tensor([success]))
         steps.append((c.item(), low.item(), high.item()))
-    expected = [(0.1, 0.01, math.inf), (1.0, 0.1, math.inf), (0.55, 0.1, 1.0),
-                (0.775, 0.55, 1.0), (0.6625, 0.55, 0.775)]
+    expected = [
+        (0.1, 0.01, math.inf),
+        (1.0, 0.1, math.inf),
+        (0.55, 0.1, 1.0),
+        (0.775, 0.55, 1.0),
+        (0.6625, 0.55, 0.775),
+    ]
     assert steps == [pytest.approx(e, rel=1e-6) for e in expected]
 
 
@@ -80,11 +91,17 @@ def test_lbfgs_keeps_the_smallest_successful_point_it_evaluated():
     y, target = net(x).topk(2).indices.T  # the runner-up class is reachable in the box
     for i in range(4):  # one image per call, so every recorded point belongs to it
         model = Recorder(net)
-        x_adv = lbfgs(model, x[i:i + 1], y[i:i + 1], target[i:i + 1], targeted=True,
-                      **attack_params("lbfgs", c_init=1.0, max_iter=30))
+        x_adv = lbfgs(
+            model,
+            x[i : i + 1],
+            y[i : i + 1],
+            target[i : i + 1],
+            targeted=True,
+            **attack_params("lbfgs", c_init=1.0, max_iter=30),
+        )
         distances = [(z - x[i].flatten()).norm().item() for z, p in model.seen if p == target[i]]
         assert len(distances) > 1
-        assert (x_adv - x[i:i + 1]).norm().item() == pytest.approx(min(distances), abs=1e-6)
+        assert (x_adv - x[i : i + 1]).norm().item() == pytest.approx(min(distances), abs=1e-6)
 
 
 @pytest.mark.parametrize("attack", ["lbfgs", "szegedy_sgd"])
@@ -93,12 +110,16 @@ def test_each_image_is_its_own_problem(attack):
     x = torch.rand(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = model(x).argmax(1)
     target = (y + 1) % 5
-    run = {"lbfgs": lambda a, b, t: lbfgs(model, a, b, t, targeted=True,
-                                          **attack_params("lbfgs", c_steps=4, max_iter=40)),
-           "szegedy_sgd": lambda a, b, t: szegedy_sgd(model, a, b, t, targeted=True,
-                                                      **attack_params("szegedy_sgd", steps=30))}[attack]
+    run = {
+        "lbfgs": lambda a, b, t: lbfgs(
+            model, a, b, t, targeted=True, **attack_params("lbfgs", c_steps=4, max_iter=40)
+        ),
+        "szegedy_sgd": lambda a, b, t: szegedy_sgd(
+            model, a, b, t, targeted=True, **attack_params("szegedy_sgd", steps=30)
+        ),
+    }[attack]
     together = run(x, y, target)
-    alone = torch.cat([run(x[i:i + 1], y[i:i + 1], target[i:i + 1]) for i in range(6)])
+    alone = torch.cat([run(x[i : i + 1], y[i : i + 1], target[i : i + 1]) for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-9)
 
 
@@ -109,8 +130,8 @@ def test_untargeted_success_means_leaving_the_true_class(tiny_cnn):
     x_adv = lbfgs(model.requires_grad_(False), x, y, targeted=False, **attack_params("lbfgs", c_steps=6))
     predicted = model(x_adv).argmax(1)
     right = clean == y
-    assert (predicted[right] != y[right]).all()              # every clean-correct image flipped
-    assert torch.equal(x_adv[~right], x[~right])             # already wrong: left alone
+    assert (predicted[right] != y[right]).all()  # every clean-correct image flipped
+    assert torch.equal(x_adv[~right], x[~right])  # already wrong: left alone
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     assert succeeded(logits, torch.tensor([0, 0]), False, None).tolist() == [False, True]
     assert succeeded(logits, torch.tensor([0, 0]), True, torch.tensor([0, 2])).tolist() == [True, False]
@@ -135,8 +156,7 @@ def _sgd_by_hand(model, x, target, reg, lr, momentum, steps):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_szegedy_sgd_matches_hand_computation_on_linear_model(momentum):
-    model = _linear([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, 2.0, -0.5], [0.3, 0.2, -1.0, 1.5]],
-                    [0.1, -0.2, 0.05])
+    model = _linear([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, 2.0, -0.5], [0.3, 0.2, -1.0, 1.5]], [0.1, -0.2, 0.05])
     x = torch.rand(10, 4, generator=torch.Generator().manual_seed(4))
     y = torch.arange(10) % 3
     target = (y + 1) % 3
@@ -148,8 +168,10 @@ def test_szegedy_sgd_regularisation_trades_success_for_size(tiny_cnn):
     model, x, y = tiny_cnn
     x, y = x[:32], y[:32]
     target = (y + 1) % 10
-    adversarials = [szegedy_sgd(model, x, y, target, targeted=True, **attack_params("szegedy_sgd", reg=reg))
-                    for reg in (0.01, 1.0)]
+    adversarials = [
+        szegedy_sgd(model, x, y, target, targeted=True, **attack_params("szegedy_sgd", reg=reg))
+        for reg in (0.01, 1.0)
+    ]
     sizes = [(adv - x).flatten(1).norm(dim=1).mean().item() for adv in adversarials]
     assert sizes[1] < sizes[0]
 
@@ -163,10 +185,10 @@ def test_box_and_finiteness_on_random_inputs(seed, targeted):
     x[:3] = torch.randint(0, 2, (3, 1, 4, 4), generator=g).float()  # saturated pixels
     y = torch.randint(0, 5, (12,), generator=g)
     target = (y + torch.randint(1, 5, (12,), generator=g)) % 5 if targeted else None
-    for x_adv in (lbfgs(model, x, y, target, targeted=targeted,
-                        **attack_params("lbfgs", c_steps=4, max_iter=30)),
-                  szegedy_sgd(model, x, y, target, targeted=targeted,
-                              **attack_params("szegedy_sgd", steps=20, lr=0.5))):
+    for x_adv in (
+        lbfgs(model, x, y, target, targeted=targeted, **attack_params("lbfgs", c_steps=4, max_iter=30)),
+        szegedy_sgd(model, x, y, target, targeted=targeted, **attack_params("szegedy_sgd", steps=20, lr=0.5)),
+    ):
         assert torch.isfinite(x_adv).all() and x_adv.shape == x.shape
         assert x_adv.min() >= 0 and x_adv.max() <= 1
 
@@ -194,6 +216,8 @@ def test_lbfgs_is_no_worse_than_advertorch(tiny_cnn):
     ok_theirs, ok_ours = model(theirs).argmax(1) == target, model(ours).argmax(1) == target
     assert ok_ours.sum() >= ok_theirs.sum()
     both = ok_theirs & ok_ours
-    l2 = {name: (adv - x)[both].flatten(1).norm(dim=1).mean().item()
-          for name, adv in (("ours", ours), ("theirs", theirs))}
+    l2 = {
+        name: (adv - x)[both].flatten(1).norm(dim=1).mean().item()
+        for name, adv in (("ours", ours), ("theirs", theirs))
+    }
     assert l2["ours"] <= 1.01 * l2["theirs"], l2

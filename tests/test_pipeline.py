@@ -44,15 +44,22 @@ def test_attack_run_records_the_contract(mnist_root, store, tmp_path):
     assert checkpoint.startswith(str(tmp_path)) and checkpoint.endswith(".ckpt")
     assert tags["checkpoint_hash"] in checkpoint
     assert len(tags["git_commit"]) in (40, len("unknown"))
-    for key in ("version.torch", "version.pytorch-lightning", "version.mlflow",
-                "data_sha256.t10k-images-idx3-ubyte", "model.test_accuracy", "model.train_run_id"):
+    for key in (
+        "version.torch",
+        "version.pytorch-lightning",
+        "version.mlflow",
+        "data_sha256.t10k-images-idx3-ubyte",
+        "model.test_accuracy",
+        "model.train_run_id",
+    ):
         assert tags[key], key
 
     client = MlflowClient(store)
     artifacts = {a.path for a in client.list_artifacts(attack_run.info.run_id)}
     assert {"config.yaml", "overrides.yaml", "eval_indices.json", "examples_eps0.1.png"} <= artifacts
-    indices = json.loads(open(client.download_artifacts(
-        attack_run.info.run_id, "eval_indices.json", str(tmp_path))).read())
+    indices = json.loads(
+        open(client.download_artifacts(attack_run.info.run_id, "eval_indices.json", str(tmp_path))).read()
+    )
     assert indices == MNISTData(str(mnist_root)).eval_subset(200, seed=0)[0]
 
     (train_run,) = _runs(store, "mnist-train")
@@ -83,31 +90,37 @@ def test_same_config_gives_identical_metrics(mnist_root, store, tmp_path):
 
 
 def test_splitting_batches_over_cpu_workers_changes_no_number(mnist_root, store, tmp_path):
-    split, whole = (run(make_config(small_overrides(tmp_path, f"cpu_workers={n}", "eps=0.2")))
-                    for n in (2, 1))
+    split, whole = (
+        run(make_config(small_overrides(tmp_path, f"cpu_workers={n}", "eps=0.2"))) for n in (2, 1)
+    )
     assert _numbers(split) == _numbers(whole)
     workers_used = sorted(r.data.tags["cpu_workers_used"] for r in _runs(store, "mnist"))
     assert workers_used == ["1", "2"]
 
 
 def test_eps_list_evaluates_every_eps_from_one_gradient(mnist_root, store, tmp_path):
-    separate = {eps: _numbers(run(make_config(small_overrides(tmp_path, f"eps={eps}"))))
-                for eps in (0.05, 0.2)}
+    separate = {
+        eps: _numbers(run(make_config(small_overrides(tmp_path, f"eps={eps}")))) for eps in (0.05, 0.2)
+    }
     run(make_config(small_overrides(tmp_path, "attack.eps_list=[0.05,0.2]")))
     client = MlflowClient(store)
     listed = next(r for r in _runs(store, "mnist") if r.data.params["attack.eps_list"] != "None")
     for key in separate[0.05]:
         history = sorted(client.get_metric_history(listed.info.run_id, key), key=lambda m: m.step)
         assert [m.value for m in history] == pytest.approx(
-            [separate[0.05][key], separate[0.2][key]], rel=1e-6), key
+            [separate[0.05][key], separate[0.2][key]], rel=1e-6
+        ), key
     artifacts = {a.path for a in client.list_artifacts(listed.info.run_id)}
     assert {"examples_eps0.05.png", "examples_eps0.2.png", "eps_curve.png"} <= artifacts
 
 
 def test_targeted_success_is_a_subset_of_misclassification(mnist_root, store, tmp_path):
     for target in ("least_likely", 3):
-        m = run(make_config(small_overrides(tmp_path, "attack.targeted=true",
-                                            f"attack.target={target}", "eps=0.3")))
+        m = run(
+            make_config(
+                small_overrides(tmp_path, "attack.targeted=true", f"attack.target={target}", "eps=0.3")
+            )
+        )
         assert 0 < m["success_rate"] <= 1
         fooled_fraction = m["success_rate"] * m["clean_accuracy"]
         assert fooled_fraction <= 1 - m["adv_accuracy"] + 1e-9
@@ -118,8 +131,7 @@ def exploding_attack(model, x, y, eps, **kwargs):
 
 
 def test_failure_inside_a_job_marks_the_run_failed(mnist_root, store, tmp_path):
-    cfg = make_config(small_overrides(
-        tmp_path, "attack.function=tests.test_pipeline.exploding_attack"))
+    cfg = make_config(small_overrides(tmp_path, "attack.function=tests.test_pipeline.exploding_attack"))
     with pytest.raises(RuntimeError, match="blew up"):
         run(cfg)
     (failed,) = _runs(store, "mnist")
@@ -158,10 +170,11 @@ def test_minimal_perturbation_attack_logs_its_norms_and_the_curve_they_imply(mni
     client = MlflowClient(store)
     run_id = attack_run.info.run_id
     assert {"min_norm.png", "robustness_curve.json", "per_image.json"} <= {
-        a.path for a in client.list_artifacts(run_id)}
+        a.path for a in client.list_artifacts(run_id)
+    }
     curve = json.loads(open(client.download_artifacts(run_id, "robustness_curve.json", str(tmp_path))).read())
     table = dict(zip(curve["columns"], zip(*curve["data"], strict=True), strict=True))
     accuracy = list(table["accuracy"])
     assert accuracy[0] == pytest.approx(metrics["clean_accuracy"])  # budget 0: nothing is fooled
-    assert accuracy[-1] == pytest.approx(metrics["adv_accuracy"])   # the largest norm: all are
+    assert accuracy[-1] == pytest.approx(metrics["adv_accuracy"])  # the largest norm: all are
     assert accuracy == sorted(accuracy, reverse=True)

@@ -29,9 +29,22 @@ from pipeline.papers.published import main as published_main
 from tests.conftest import all_runs, attack_params, make_config, small_overrides
 
 # every measurement on a few images with few steps: seconds on a tiny CNN
-TINY = ["cw.n=2", "cw.steps=40", "cw.lr=0.1", "cw.binary_steps=2", "cw.c_init=1.0",
-        "deepfool.n=40", "lbfgs.n=8", "lbfgs.c_steps=4", "lbfgs.max_iter=30",
-        "fgsm.n=40", "fgsm.eps_step=0.02", "bim.n=3", "bim.steps=10", "bim.bisection_steps=5"]
+TINY = [
+    "cw.n=2",
+    "cw.steps=40",
+    "cw.lr=0.1",
+    "cw.binary_steps=2",
+    "cw.c_init=1.0",
+    "deepfool.n=40",
+    "lbfgs.n=8",
+    "lbfgs.c_steps=4",
+    "lbfgs.max_iter=30",
+    "fgsm.n=40",
+    "fgsm.eps_step=0.02",
+    "bim.n=3",
+    "bim.steps=10",
+    "bim.bisection_steps=5",
+]
 
 
 def _tiny_settings(*extra: str) -> dict:
@@ -81,8 +94,7 @@ def test_the_table_puts_every_published_number_beside_ours(measured):
         ours = [float(v) for v in cells[4].split(" / ")]
         assert ours == pytest.approx([results[section][k] for k in keys], abs=5e-4)
     assert "Settings:" in text and "10,000" in text  # the C&W step count against the paper's
-    skipped = report_text({k: v for k, v in results.items() if k != "bim"}, settings, "cnn", {},
-                          "unknown")
+    skipped = report_text({k: v for k, v in results.items() if k != "bim"}, settings, "cnn", {}, "unknown")
     (bim_row,) = [line for line in skipped.splitlines() if line.startswith("|") and "bim" in line]
     assert "not measured" in bim_row
 
@@ -109,7 +121,7 @@ def test_fgsm_takes_the_smallest_fooling_eps_of_the_grid(tiny_cnn):
     for i in found.nonzero()[:5, 0].tolist():  # one grid step less does not fool it
         if eps[i] > grid[0] + 1e-9:
             k = min(range(len(grid)), key=lambda j: abs(grid[j] - eps[i].item()))
-            below = fgsm(model, x[i: i + 1], y[i: i + 1], eps=grid[k - 1])
+            below = fgsm(model, x[i : i + 1], y[i : i + 1], eps=grid[k - 1])
             assert predict(model, below).item() == y[i].item()
 
 
@@ -119,8 +131,9 @@ def test_bim_bisection_stays_within_each_images_radius(tiny_cnn):
     radius = torch.linspace(0.05, 0.3, 6).view(-1, 1, 1, 1)  # bim takes one radius per image
     adv = bim(model, x, y, eps=radius, **attack_params("bim", steps=5), targeted=True, target=(y + 1) % 10)
     assert (linf(adv - x) <= radius.flatten() + 1e-6).all()
-    distance, success = bim_smallest(model, x, y, (y + 1) % 10, {
-        "eps_max": 0.5, "bisection_steps": 4, "steps": 5, "alpha_scale": 2.5})
+    distance, success = bim_smallest(
+        model, x, y, (y + 1) % 10, {"eps_max": 0.5, "bisection_steps": 4, "steps": 5, "alpha_scale": 2.5}
+    )
     assert success.any()
     assert (distance[success] > 0).all() and (distance[success] <= 0.5 + 1e-6).all()
     assert torch.isinf(distance[~success]).all()
@@ -139,12 +152,25 @@ def test_bad_image_counts_are_one_line_errors(store, tmp_path, capsys, monkeypat
 
 
 def test_produce_trains_logs_writes_and_prints(mnist_root, store, tmp_path, capsys):
-    cfg = make_config(small_overrides(tmp_path, "train.n_train=512", "cw.n=1", "cw.steps=40",
-                                      "cw.lr=0.1", "cw.binary_steps=2", "cw.c_init=1.0",
-                                      "deepfool.n=20",
-                                      "lbfgs.n=4", "lbfgs.c_steps=3", "lbfgs.max_iter=20",
-                                      "fgsm.n=20", "fgsm.eps_step=0.05", "bim.n=0"),
-                      name="published")
+    cfg = make_config(
+        small_overrides(
+            tmp_path,
+            "train.n_train=512",
+            "cw.n=1",
+            "cw.steps=40",
+            "cw.lr=0.1",
+            "cw.binary_steps=2",
+            "cw.c_init=1.0",
+            "deepfool.n=20",
+            "lbfgs.n=4",
+            "lbfgs.c_steps=3",
+            "lbfgs.max_iter=20",
+            "fgsm.n=20",
+            "fgsm.eps_step=0.05",
+            "bim.n=0",
+        ),
+        name="published",
+    )
     report = produce(cfg)
     printed = capsys.readouterr().out
     assert report["text"] in printed and "not measured" in report["text"]

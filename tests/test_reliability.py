@@ -17,18 +17,26 @@ from tests.test_cli import invoke_ok, sweep_children
 
 def test_config_hash_ignores_how_and_where_a_job_runs(tmp_path):
     base = make_config(small_overrides(tmp_path))
-    same = make_config([*small_overrides(tmp_path / "elsewhere"), "cpu_workers=1", "resume=false",
-                        "trainer.enable_progress_bar=true"])
+    same = make_config(
+        [
+            *small_overrides(tmp_path / "elsewhere"),
+            "cpu_workers=1",
+            "resume=false",
+            "trainer.enable_progress_bar=true",
+        ]
+    )
     assert config_hash(base) == config_hash(same)
     for changed in ("eps=0.2", "seed=1", "attack=pgd", "attack.targeted=true", "n_eval=100"):
         assert config_hash(make_config(small_overrides(tmp_path, changed))) != config_hash(base), changed
-    assert sweep_key(["eps=0.1,0.2", "attack=fgsm"]) == sweep_key(["attack=fgsm", "resume=false",
-                                                                  "eps=0.1,0.2", "paths.outputs=/x"])
+    assert sweep_key(["eps=0.1,0.2", "attack=fgsm"]) == sweep_key(
+        ["attack=fgsm", "resume=false", "eps=0.1,0.2", "paths.outputs=/x"]
+    )
     assert sweep_key(["eps=0.1,0.2"]) != sweep_key(["eps=0.1,0.3"])
 
 
 def test_a_rerun_sweep_skips_its_finished_points_and_resume_false_starts_afresh(
-        mnist_root, store, tmp_path, capsys, monkeypatch):
+    mnist_root, store, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(sys, "argv", sys.argv)
     sweep = [*SMALL, "n_eval=64", "eps=0.05,0.1", "-m"]
     invoke_ok(main, sweep, tmp_path)
@@ -45,20 +53,31 @@ def test_a_rerun_sweep_skips_its_finished_points_and_resume_false_starts_afresh(
     invoke_ok(main, [*sweep[:-1], "resume=false", "-m"], tmp_path)
     parents, children = sweep_children(store)
     assert len(parents) == 2 and all(len(kids) == 2 for kids in children.values())
-    metrics = {p: {k.data.params["eps"]: k.data.metrics["adv_accuracy"] for k in kids}
-               for p, kids in children.items()}
+    metrics = {
+        p: {k.data.params["eps"]: k.data.metrics["adv_accuracy"] for k in kids}
+        for p, kids in children.items()
+    }
     assert len({tuple(sorted(m.items())) for m in metrics.values()}) == 1  # same numbers again
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_marks_the_run_killed_and_the_process_exits(sig, mnist_root, store, tmp_path,
-                                                                monkeypatch):
+def test_stop_signal_marks_the_run_killed_and_the_process_exits(
+    sig, mnist_root, store, tmp_path, monkeypatch
+):
     """SIGTERM or Ctrl-C inside a job (here: sent by the attack itself) ends the job's run and
     the sweep's parent KILLED, with exit status 128 + the signal's number."""
     monkeypatch.setenv("STOP_SIGNAL", str(int(sig)))
-    monkeypatch.setattr(sys, "argv", ["pipeline", *small_overrides(tmp_path, "n_eval=64", "cpu_workers=1"),
-                                      "attack.function=tests.test_reliability.self_stopping_fgsm",
-                                      "eps=0.05,0.1", "-m"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pipeline",
+            *small_overrides(tmp_path, "n_eval=64", "cpu_workers=1"),
+            "attack.function=tests.test_reliability.self_stopping_fgsm",
+            "eps=0.05,0.1",
+            "-m",
+        ],
+    )
     from pipeline.cli import entrypoint
 
     with pytest.raises(SystemExit) as exit_info:
@@ -81,8 +100,14 @@ KILL_SWEEP = ["attack=bim", "attack.steps=20", "n_eval=600", "eps=0.02,0.04,0.06
 
 def _start(args, store):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_when_a_second_point_runs(process, store, sig, finished_before: int, timeout=300):
@@ -119,9 +144,14 @@ def test_a_killed_sweep_resumes_without_duplicates(mnist_root, store, tmp_path):
     assert second.returncode == -signal.SIGKILL
     assert f"{done_before} of 4 points already done" in out
 
-    third = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, text=True,
-                           capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": store},
-                           timeout=600)
+    third = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        timeout=600,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert "points already done" in third.stdout
     (parent,), children = sweep_children(store)

@@ -12,14 +12,18 @@ from tests.test_cli import invoke_ok, sweep_children
 
 
 @pytest.mark.slow
-def test_a_sweep_goes_to_the_server_and_reads_back_over_http(mlflow_server, mnist_root, tmp_path,
-                                                             monkeypatch):
+def test_a_sweep_goes_to_the_server_and_reads_back_over_http(
+    mlflow_server, mnist_root, tmp_path, monkeypatch
+):
     uri, served = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(sys, "argv", sys.argv)
     parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]  # two workers writing at once
-    invoke_ok(main, [*SMALL, "n_eval=64", "eps=0.1,0.2", *parallel, "tracking.experiment=served", "-m"],
-              tmp_path / "client")
+    invoke_ok(
+        main,
+        [*SMALL, "n_eval=64", "eps=0.1,0.2", *parallel, "tracking.experiment=served", "-m"],
+        tmp_path / "client",
+    )
     (parent,), children = sweep_children(uri, "served")
     kids = children[parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(kids) == 2 and parent.data.metrics["jobs"] == 2

@@ -17,12 +17,13 @@ def _run(params, metrics):
 
 
 def test_series_against_the_numeric_key_one_line_per_other_value():
-    runs = [_run({"eps": e, "attack.name": a}, {"success_rate": s})
-            for e, a, s in (("0.2", "fgsm", 0.6), ("0.1", "fgsm", 0.2), ("0.1", "pgd", 0.5))]
+    runs = [
+        _run({"eps": e, "attack.name": a}, {"success_rate": s})
+        for e, a, s in (("0.2", "fgsm", 0.6), ("0.1", "fgsm", 0.2), ("0.1", "pgd", 0.5))
+    ]
     x_key, series = sweep_series(runs, ["attack", "eps"], ("success_rate",))
     assert x_key == "eps"
-    assert series["success_rate"] == {"attack=fgsm": ([0.1, 0.2], [0.2, 0.6]),
-                                      "attack=pgd": ([0.1], [0.5])}
+    assert series["success_rate"] == {"attack=fgsm": ([0.1, 0.2], [0.2, 0.6]), "attack=pgd": ([0.1], [0.5])}
 
 
 def test_series_against_a_categorical_key():

@@ -13,8 +13,11 @@ from pipeline.tracking.sweep import Sweep
 def _views(tracker: Tracker, experiment: str) -> dict[str, dict]:
     experiment_id = tracker.experiment_id(experiment)
     tags = tracker.client.get_experiment(experiment_id).tags
-    return {key.removeprefix(ui.VIEW_TAG): json.loads(value) for key, value in tags.items()
-            if key.startswith(ui.VIEW_TAG)}
+    return {
+        key.removeprefix(ui.VIEW_TAG): json.loads(value)
+        for key, value in tags.items()
+        if key.startswith(ui.VIEW_TAG)
+    }
 
 
 def _sweep(tracker, overrides, points, resume=False):
@@ -31,7 +34,7 @@ def test_state_is_deflated_json_as_the_ui_reads_it():
     state = {"searchFilter": "tags.stage = 'train'", "compareRunCharts": [{"uuid": "a"}]}
     text = ui.encode_state(state)
     assert text.startswith("deflate;")
-    assert json.loads(zlib.decompress(base64.b64decode(text[len("deflate;"):]))) == state
+    assert json.loads(zlib.decompress(base64.b64decode(text[len("deflate;") :]))) == state
     assert ui.decode_state(text) == state == ui.decode_state(json.dumps(state))
 
 
@@ -41,33 +44,50 @@ def test_links_open_the_model_training_mode():
     assert ui.base_url("sqlite:////x/mlflow.db", "http://gpu-box:8080/") == "http://gpu-box:8080"
     assert ui.experiment_url("http://h", "3") == "http://h/#/experiments/3/runs?workflowType=machine_learning"
     assert ui.run_url("http://h", "3", "abc") == (
-        "http://h/#/experiments/3/runs/abc?workflowType=machine_learning")
+        "http://h/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
     # no search facet in a view's link: the UI would ignore the view
-    assert ui.view_url("http://h", "3", "v") == ("http://h/#/experiments/3/runs?viewStateShareKey=v"
-                                                 "&compareRunsMode=CHART&workflowType=machine_learning")
+    assert ui.view_url("http://h", "3", "v") == (
+        "http://h/#/experiments/3/runs?viewStateShareKey=v"
+        "&compareRunsMode=CHART&workflowType=machine_learning"
+    )
 
 
 def test_an_eps_sweep_view_sorts_its_children_and_plots_metrics_against_eps(tmp_path, capsys):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
-    points = [({"eps": eps, "attack.name": "fgsm"},
-               {"eps": eps, "success_rate": eps * 3, "adv_accuracy": 1 - eps, "l2_mean": eps * 20,
-                "clean_accuracy": 0.99, "images_per_second": 1000.0})
-              for eps in (0.2, 0.05, 0.1)]
+    points = [
+        (
+            {"eps": eps, "attack.name": "fgsm"},
+            {
+                "eps": eps,
+                "success_rate": eps * 3,
+                "adv_accuracy": 1 - eps,
+                "l2_mean": eps * 20,
+                "clean_accuracy": 0.99,
+                "images_per_second": 1000.0,
+            },
+        )
+        for eps in (0.2, 0.05, 0.1)
+    ]
     sweep = _sweep(tracker, ["attack=fgsm", "eps=0.2,0.05,0.1"], points)
-    (view_id, view), = _views(tracker, "exp").items()
+    ((view_id, view),) = _views(tracker, "exp").items()
     assert view_id == "sweep-" + sweep.run_id
     assert view["name"] == "sweep attack=fgsm eps=0.2,0.05,0.1"
     state = ui.decode_state(view["state"])
     assert state["searchFilter"] == f"tags.mlflow.parentRunId = '{sweep.run_id}'"
     assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`eps`", True)
-    assert state["selectedColumns"][:3] == ["params.`eps`", "metrics.`success_rate`",
-                                            "metrics.`adv_accuracy`"]
+    assert state["selectedColumns"][:3] == [
+        "params.`eps`",
+        "metrics.`success_rate`",
+        "metrics.`adv_accuracy`",
+    ]
     shown = [c for c in state["compareRunCharts"] if not c["deleted"]]
     assert [(c["type"], c.get("xaxis"), c.get("yaxis", {}).get("key")) for c in shown] == [
         ("SCATTER", {"key": "eps", "type": "METRIC"}, "success_rate"),
         ("SCATTER", {"key": "eps", "type": "METRIC"}, "adv_accuracy"),
         ("SCATTER", {"key": "eps", "type": "METRIC"}, "l2_mean"),
-        ("IMAGE", None, None)]
+        ("IMAGE", None, None),
+    ]
     assert shown[-1]["imageKeys"] == [ui.IMAGE_KEY]
     # every metric without a chart of its own (scatter axes do not count) has a deleted
     # placeholder, so the UI adds no charts of its own
@@ -86,8 +106,7 @@ def test_a_resumed_sweep_updates_its_view(tmp_path):
     point = ({"eps": 0.1}, {"eps": 0.1, "success_rate": 0.3})
     first = _sweep(tracker, ["eps=0.1,0.2"], [point])
     before = _views(tracker, "exp")["sweep-" + first.run_id]
-    again = _sweep(tracker, ["eps=0.1,0.2"], [({"eps": 0.2}, {"eps": 0.2, "success_rate": 0.6})],
-                   resume=True)
+    again = _sweep(tracker, ["eps=0.1,0.2"], [({"eps": 0.2}, {"eps": 0.2, "success_rate": 0.6})], resume=True)
     assert again.run_id == first.run_id
     (after,) = _views(tracker, "exp").values()
     assert after["createdAt"] == before["createdAt"] and after["updatedAt"] >= before["updatedAt"]
@@ -95,8 +114,11 @@ def test_a_resumed_sweep_updates_its_view(tmp_path):
 
 def test_two_swept_keys_colour_each_series_and_a_numeric_key_becomes_a_metric(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
-    points = [({"attack.name": attack, "attack.reg": reg}, {"success_rate": reg})
-              for attack in ("fgsm", "pgd") for reg in ("0.5", "2")]
+    points = [
+        ({"attack.name": attack, "attack.reg": reg}, {"success_rate": reg})
+        for attack in ("fgsm", "pgd")
+        for reg in ("0.5", "2")
+    ]
     sweep = _sweep(tracker, ["attack=fgsm,pgd", "attack.reg=0.5,2"], points)
     runs = tracker.children("exp", sweep.run_id)
     colours = {}
@@ -120,8 +142,10 @@ def test_a_categorical_sweep_is_drawn_against_the_param(tmp_path):
 
 
 def test_old_sweep_views_make_room_and_the_users_own_views_stay():
-    tags = {f"{ui.VIEW_TAG}sweep-{n}": json.dumps({"name": str(n), "createdAt": n, "state": "{}"})
-            for n in range(1, 34)}
+    tags = {
+        f"{ui.VIEW_TAG}sweep-{n}": json.dumps({"name": str(n), "createdAt": n, "state": "{}"})
+        for n in range(1, 34)
+    }
     tags[f"{ui.VIEW_TAG}1770000000000abc"] = json.dumps({"name": "mine", "createdAt": 0, "state": "{}"})
     assert ui.stale_sweep_views(tags) == [f"{ui.VIEW_TAG}sweep-{n}" for n in (1, 2, 3)]
 
@@ -131,5 +155,8 @@ def test_the_training_view_draws_every_cached_models_curves():
     assert state["searchFilter"] == "tags.stage = 'train'"
     shown = [c for c in state["compareRunCharts"] if not c["deleted"]]
     assert [(c["type"], c["metricKey"], c["xAxisKey"]) for c in shown] == [
-        ("LINE", "val_accuracy", "step"), ("LINE", "val_loss", "step"), ("LINE", "train_loss", "step")]
+        ("LINE", "val_accuracy", "step"),
+        ("LINE", "val_loss", "step"),
+        ("LINE", "train_loss", "step"),
+    ]
     assert {c["metricKey"] for c in state["compareRunCharts"] if c["deleted"]} == {"epoch", "test_accuracy"}

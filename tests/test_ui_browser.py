@@ -21,8 +21,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = PROJECT_ROOT / "outputs" / "ui"
 LOAD = 120_000  # ms: the UI's first load parses a large bundle on a busy 2-core machine
 # a user who has closed MLflow's assistant panel once (it opens by itself on the very first visit)
-NO_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+NO_ASSISTANT = (
+    "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +62,26 @@ def shot(page: Page, name: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_printed_links_open_the_sweep_comparison(mlflow_server, browser, mnist_root, tmp_path,
-                                                     monkeypatch, capsys):
+def test_the_printed_links_open_the_sweep_comparison(
+    mlflow_server, browser, mnist_root, tmp_path, monkeypatch, capsys
+):
     uri, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(sys, "argv", sys.argv)
-    invoke_ok(main, [*SMALL, "n_eval=64", "attack=fgsm", "eps=0.2,0.05,0.1", "tracking.experiment=ui",
-                     "-m"], tmp_path)
+    invoke_ok(
+        main,
+        [*SMALL, "n_eval=64", "attack=fgsm", "eps=0.2,0.05,0.1", "tracking.experiment=ui", "-m"],
+        tmp_path,
+    )
     printed = capsys.readouterr().out
     (link,) = re.findall(r"compare the sweep in the MLflow UI: (\S+)", printed)
     run_links = re.findall(r"MLflow run \w+ in \S+: (\S+)", printed)
     (training,) = re.findall(r"every cached model's training curves: (\S+)", printed)
     assert link.startswith(uri) and len(run_links) == 3
-    kids = sorted((r for r in all_runs(uri, "ui") if r.data.tags.get("stage") == "attack"),
-                  key=lambda r: r.data.metrics["eps"])
+    kids = sorted(
+        (r for r in all_runs(uri, "ui") if r.data.tags.get("stage") == "attack"),
+        key=lambda r: r.data.metrics["eps"],
+    )
     assert [k.data.metrics["eps"] for k in kids] == [0.05, 0.1, 0.2]
     names = [k.info.run_name for k in kids]
     assert names == ["eps=0.05", "eps=0.1", "eps=0.2"]  # a sweep's runs are named by its swept values
@@ -82,7 +90,9 @@ def test_the_printed_links_open_the_sweep_comparison(mlflow_server, browser, mni
     page = visit(browser, link, "eps vs. success_rate")
     page.wait_for_function(  # every run's example grid, loaded
         "() => { const i = [...document.querySelectorAll('img.rc-image-img')];"
-        " return i.length == 3 && i.every(e => e.complete && e.naturalWidth > 0); }", timeout=LOAD)
+        " return i.length == 3 && i.every(e => e.complete && e.naturalWidth > 0); }",
+        timeout=LOAD,
+    )
     expect(runs_listed(page)).to_have_text(names, timeout=LOAD)
     for metric in ui.SWEEP_CHARTS:
         card = chart(page, f"eps vs. {metric}")
@@ -118,8 +128,9 @@ def test_the_printed_links_open_the_sweep_comparison(mlflow_server, browser, mni
 
     # a job's own link: its run page with its metrics
     run_page = visit(browser, run_links[0], "success_rate")
-    assert kids[[k.info.run_id for k in kids].index(run_links[0].split("/runs/")[1].split("?")[0])] \
-        .info.run_name in run_page.inner_text("body")
+    assert kids[
+        [k.info.run_id for k in kids].index(run_links[0].split("/runs/")[1].split("?")[0])
+    ].info.run_name in run_page.inner_text("body")
     shot(run_page, "run.png")
 
     # the training experiment: each cached model's curves

@@ -18,8 +18,16 @@ def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return own - others
 
 
-def _adam(w: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, step: int,
-          lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+def _adam(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """One Adam step on w (the moments are updated in place), as torch.optim.Adam computes it."""
     mean.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
     var.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
@@ -27,10 +35,21 @@ def _adam(w: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor, var: torch.Te
     return w.addcdiv(mean, denom, value=-lr / (1 - betas[0] ** step))
 
 
-def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool = False,
-          target: torch.Tensor | None = None, *, confidence: float, c_init: float,
-          binary_steps: int, steps: int, lr: float, abort_early: bool,
-          info: dict | None = None) -> torch.Tensor:
+def cw_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    *,
+    confidence: float,
+    c_init: float,
+    binary_steps: int,
+    steps: int,
+    lr: float,
+    abort_early: bool,
+    info: dict | None = None,
+) -> torch.Tensor:
     """Minimise ||x' − x||² + c·max(m, −κ) with x' = (tanh(w) + 1)/2, so x' is always in [0,1];
     m = max_{j≠t} Z_j − Z_t towards target t (targeted) or Z_y − max_{j≠y} Z_j (untargeted),
     κ = `confidence`. Adam (`lr`) runs `steps` iterations per value of c from w = atanh(2x − 1);
@@ -46,7 +65,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool = F
     x = x.detach()
     label = target if targeted else y
     assert label is not None  # a targeted call without `target` was rejected above
-    sign = -1.0 if targeted else 1.0           # m = sign · margin(label)
+    sign = -1.0 if targeted else 1.0  # m = sign · margin(label)
     n = len(x)
     w0 = torch.atanh((2 * x - 1) * (1 - 1e-6))
     c = torch.full((n,), c_init, device=x.device)

@@ -9,8 +9,9 @@ from torch import nn
 from pipeline.attacks.projection import per_image
 
 
-def _differences(model: nn.Module, z: torch.Tensor, classes: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _differences(
+    model: nn.Module, z: torch.Tensor, classes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (B, C), f_k = Z_k − Z_0 (B, K) for the candidates k = classes[:, 1:] against the
     original class classes[:, 0], and their gradients (B, K, ...): one forward pass and one
     backward pass batched over the K candidates."""
@@ -26,9 +27,18 @@ def _differences(model: nn.Module, z: torch.Tensor, classes: torch.Tensor
     return logits.detach(), f.detach(), grads.transpose(0, 1)
 
 
-def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-             overshoot: float, candidates: int | None, targeted: bool = False,
-             target: torch.Tensor | None = None, info: dict | None = None) -> torch.Tensor:
+def deepfool(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    overshoot: float,
+    candidates: int | None,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    info: dict | None = None,
+) -> torch.Tensor:
     """Untargeted L2 DeepFool on a batch, all images and candidate classes at once.
 
     Candidates are the `candidates` classes ranked highest on the clean image (all if None), the
@@ -60,11 +70,11 @@ def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
         idx, f, grads = idx[still], f[still], grads[still]
         if len(idx) == 0:
             break
-        norms = grads.flatten(2).norm(p=2, dim=2)                          # (b, k-1)
-        nearest = (f.abs() / (norms + 1e-8)).argmin(1)                     # (b,)
+        norms = grads.flatten(2).norm(p=2, dim=2)  # (b, k-1)
+        nearest = (f.abs() / (norms + 1e-8)).argmin(1)  # (b,)
         pick = torch.arange(len(idx), device=x.device)
         w, f_k, w_norm = grads[pick, nearest], f[pick, nearest], norms[pick, nearest]
-        r = ((f_k.abs() / (w_norm + 1e-8) + 1e-4) / (w_norm + 1e-8))
+        r = (f_k.abs() / (w_norm + 1e-8) + 1e-4) / (w_norm + 1e-8)
         r = per_image(r, w) * w
         total[idx] += r
         adv[idx] = (x[idx] + (1 + overshoot) * total[idx]).clamp(0.0, 1.0)

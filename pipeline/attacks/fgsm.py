@@ -9,9 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],
-         targeted: bool = False, target: torch.Tensor | None = None
-         ) -> torch.Tensor | list[torch.Tensor]:
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | Sequence[float],
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """One signed-gradient step of size `eps`, clipped to [0,1].
 
     Untargeted: x + eps·sign(∇ CE(f(x), y)). Targeted: x − eps·sign(∇ CE(f(x), target)).

@@ -28,8 +28,9 @@ def default_alpha(factor: float, eps, steps: int):
     return factor * eps / max(steps, 1)
 
 
-def _loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor, targeted: bool,
-          target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(
+    model: nn.Module, z: torch.Tensor, y: torch.Tensor, targeted: bool, target: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-image loss the attack increases, logits): CE(y) untargeted, −CE(target) targeted."""
     logits = model(z)
     if targeted:
@@ -69,10 +70,21 @@ def _check(targeted: bool, target, steps: int, restarts: int) -> None:
 
 
 @per_eps
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str,
-        alpha: float | None, steps: int, random_start: bool, restarts: int,
-        targeted: bool = False, target: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None) -> torch.Tensor:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    norm: str,
+    alpha: float | None,
+    steps: int,
+    random_start: bool,
+    restarts: int,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Projected gradient descent in the `norm` ball of radius `eps` ("linf" or "l2").
 
     Each restart starts from a random point of the ball (`random_start`; else from x) and takes
@@ -110,9 +122,17 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm:
 
 
 @per_eps
-def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-        alpha: float | torch.Tensor | None, steps: int, targeted: bool = False,
-        target: torch.Tensor | None = None) -> torch.Tensor:
+def bim(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    alpha: float | torch.Tensor | None,
+    steps: int,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Basic iterative method (iterative FGSM): from x, `steps` signed-gradient steps of size
     `alpha` (None: BIM_STEP·eps/steps), each projected onto the Linf ball of radius eps and [0,1]
     — PGD without a random start."""
@@ -122,12 +142,20 @@ def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
 
 
 @per_eps
-def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-           alpha: float | torch.Tensor | None, steps: int, decay: float, targeted: bool = False,
-           target: torch.Tensor | None = None) -> torch.Tensor:
+def mifgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    alpha: float | torch.Tensor | None,
+    steps: int,
+    decay: float,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Momentum iterative FGSM: g ← ∇/mean|∇| + decay·g, then a signed step of size `alpha`
     (None: BIM_STEP·eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
     _check(targeted, target, steps, 1)
     alpha = default_alpha(BIM_STEP, eps, steps) if alpha is None else alpha
-    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target,
-                   decay=decay)
+    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target, decay=decay)

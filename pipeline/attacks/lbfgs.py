@@ -27,8 +27,14 @@ from pipeline.attacks.losses import attack_loss, succeeded
 Evaluate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _two_loop(q: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor,
-              gamma: torch.Tensor, newest_first: list[int]) -> torch.Tensor:
+def _two_loop(
+    q: torch.Tensor,
+    S: torch.Tensor,
+    Y: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    newest_first: list[int],
+) -> torch.Tensor:
     """H·q for each row's L-BFGS inverse-Hessian estimate. q (n, D); S, Y (n, m, D); rho (n, m),
     0 where a slot holds no accepted pair; gamma (n,) the initial scaling."""
     alphas = []
@@ -43,8 +49,9 @@ def _two_loop(q: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tens
     return r
 
 
-def _line_search(evaluate: Evaluate, rows: torch.Tensor, z, f, g, logits, d, step,
-                 tries: int = 20, c1: float = 1e-4):
+def _line_search(
+    evaluate: Evaluate, rows: torch.Tensor, z, f, g, logits, d, step, tries: int = 20, c1: float = 1e-4
+):
     """Projected backtracking (Armijo) per row: halve the row's step until
     f(P(z + step·d)) ≤ f(z) + c1·g·(P(z + step·d) − z). Returns the new point, objective,
     gradient, logits, and which rows found one."""
@@ -57,7 +64,11 @@ def _line_search(evaluate: Evaluate, rows: torch.Tensor, z, f, g, logits, d, ste
         accept = f_t <= f[pending] + c1 * (g[pending] * (trial - z[pending])).sum(1)
         done = pending[accept]
         z_new[done], f_new[done], g_new[done], logits_new[done] = (
-            trial[accept], f_t[accept], g_t[accept], logits_t[accept])
+            trial[accept],
+            f_t[accept],
+            g_t[accept],
+            logits_t[accept],
+        )
         found[done] = True
         pending = pending[~accept]
         if len(pending) == 0:
@@ -66,8 +77,15 @@ def _line_search(evaluate: Evaluate, rows: torch.Tensor, z, f, g, logits, d, ste
     return z_new, f_new, g_new, logits_new, found
 
 
-def _minimise(evaluate: Evaluate, z: torch.Tensor, rows: torch.Tensor, history: int, max_iter: int,
-              ftol: float, gtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _minimise(
+    evaluate: Evaluate,
+    z: torch.Tensor,
+    rows: torch.Tensor,
+    history: int,
+    max_iter: int,
+    ftol: float,
+    gtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected L-BFGS for each row of z (n, D) independently; returns the final points and
     their logits. A row stops at a small projected gradient, a small relative decrease of its
     objective, a failed line search, or after `max_iter` iterations."""
@@ -87,8 +105,7 @@ def _minimise(evaluate: Evaluate, z: torch.Tensor, rows: torch.Tensor, history: 
         step = torch.ones(len(z), device=z.device)
         if it == 0:  # no curvature yet: a first step of unit length
             step = (1 / q.norm(dim=1).clamp_min(1e-12)).clamp_max(1.0)
-        z_new, f_new, g_new, logits_new, found = _line_search(
-            evaluate, rows[live], z, f, g, logits, d, step)
+        z_new, f_new, g_new, logits_new, found = _line_search(evaluate, rows[live], z, f, g, logits, d, step)
 
         s, y_diff = z_new - z, g_new - g
         sy, yy = (s * y_diff).sum(1), (y_diff * y_diff).sum(1)
@@ -113,8 +130,9 @@ def _minimise(evaluate: Evaluate, z: torch.Tensor, rows: torch.Tensor, history: 
     return out_z, out_logits
 
 
-def next_c(c: torch.Tensor, low: torch.Tensor, high: torch.Tensor, success: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def next_c(
+    c: torch.Tensor, low: torch.Tensor, high: torch.Tensor, success: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the per-image search over c (all (n,)): a success lowers the upper bound to
     c, a failure raises the lower bound to c; the next c is the midpoint once an upper bound
     exists, ten times c before. Returns (c, low, high)."""
@@ -124,9 +142,22 @@ def next_c(c: torch.Tensor, low: torch.Tensor, high: torch.Tensor, success: torc
     return c, low, high
 
 
-def lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None,
-          targeted: bool = False, *, c_init: float, c_steps: int, max_iter: int, history: int,
-          ftol: float, gtol: float = 1e-5, warm_start: bool, info: dict | None = None) -> torch.Tensor:
+def lbfgs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None = None,
+    targeted: bool = False,
+    *,
+    c_init: float,
+    c_steps: int,
+    max_iter: int,
+    history: int,
+    ftol: float,
+    gtol: float = 1e-5,
+    warm_start: bool,
+    info: dict | None = None,
+) -> torch.Tensor:
     """The smallest-L2 adversarial found for each image (the image itself where none was found).
 
     Targeted: the loss is cross-entropy towards `target`; untargeted: −log(1 − p_y), success

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool,
-                target: torch.Tensor | None) -> torch.Tensor:
+def attack_loss(
+    logits: torch.Tensor, y: torch.Tensor, targeted: bool, target: torch.Tensor | None
+) -> torch.Tensor:
     """(B,) loss to minimise. Targeted: cross-entropy towards `target`. Untargeted: push the
     true class down, −log(1 − p_y) = logsumexp(all) − logsumexp(classes ≠ y); bounded below
     by 0, unlike −CE(y)."""
@@ -18,8 +19,9 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool,
     return logits.logsumexp(1) - others.logsumexp(1)
 
 
-def succeeded(logits: torch.Tensor, y: torch.Tensor, targeted: bool,
-              target: torch.Tensor | None) -> torch.Tensor:
+def succeeded(
+    logits: torch.Tensor, y: torch.Tensor, targeted: bool, target: torch.Tensor | None
+) -> torch.Tensor:
     """(B,) bool: classified as the target (targeted) or as anything but y (untargeted)."""
     predicted = logits.argmax(1)
     if targeted:

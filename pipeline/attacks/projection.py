@@ -40,8 +40,9 @@ def l2_normalise(grad: torch.Tensor) -> torch.Tensor:
     return grad / per_image(grad.flatten(1).norm(p=2, dim=1) + 1e-10, grad)
 
 
-def random_point(x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | None,
-                 restart: int) -> torch.Tensor:
+def random_point(
+    x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | None, restart: int
+) -> torch.Tensor:
     """A random point of the threat model around x: Linf uniform in the cube; L2 a uniformly random
     direction at a radius drawn uniformly from [0, eps]. With `seeds` (one int per image) each
     image's draw depends only on its seed and the restart, never on the batch it is in; without
@@ -51,8 +52,10 @@ def random_point(x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | N
         noise = torch.rand(shape, device=x.device) if norm == "linf" else torch.randn(shape, device=x.device)
     else:
         draw = torch.rand if norm == "linf" else torch.randn
-        rows = [draw(shape[1], generator=torch.Generator().manual_seed(hash((int(s), restart)) % 2**63))
-                for s in seeds.tolist()]
+        rows = [
+            draw(shape[1], generator=torch.Generator().manual_seed(hash((int(s), restart)) % 2**63))
+            for s in seeds.tolist()
+        ]
         noise = torch.stack(rows).to(x.device)
     noise = noise.to(x.dtype)
     if norm == "linf":
@@ -66,9 +69,11 @@ def random_point(x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | N
 def per_eps(attack: Callable) -> Callable:
     """Let `attack(model, x, y, eps, ...)` take a sequence of eps and return one adversarial
     batch per eps (the attack runs once per value)."""
+
     @functools.wraps(attack)
     def wrapper(model, x, y, eps, *args, **kwargs):
         if isinstance(eps, Sequence):
             return [attack(model, x, y, float(e), *args, **kwargs) for e in eps]
         return attack(model, x, y, eps, *args, **kwargs)
+
     return wrapper

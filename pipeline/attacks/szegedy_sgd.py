@@ -8,9 +8,18 @@ from torch import nn
 from pipeline.attacks.losses import attack_loss
 
 
-def szegedy_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None,
-                targeted: bool = False, *, reg: float, lr: float, steps: int,
-                momentum: float) -> torch.Tensor:
+def szegedy_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None = None,
+    targeted: bool = False,
+    *,
+    reg: float,
+    lr: float,
+    steps: int,
+    momentum: float,
+) -> torch.Tensor:
     """Minimise loss(f(clip(x + r))) + reg·||r||² over r by SGD (heavy-ball momentum), keeping
     x + r in [0,1] after every step; return clip(x + r) after `steps` steps.
 
@@ -21,7 +30,7 @@ def szegedy_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torc
     if targeted and target is None:
         raise ValueError("targeted szegedy_sgd needs `target` (a class index per image)")
     x = x.detach()
-    z = x.clone()                   # (B, C, H, W) the adversarial x + r, always in [0,1]
+    z = x.clone()  # (B, C, H, W) the adversarial x + r, always in [0,1]
     velocity = torch.zeros_like(x)
     for _ in range(steps):
         z.requires_grad_(True)

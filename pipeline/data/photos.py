@@ -30,9 +30,13 @@ def _sample_photos() -> list[tuple[str, Image.Image]]:
     # skimage's __init__.pyi stub does not declare __version__, which the package defines
     from skimage import __version__, data  # type: ignore[attr-defined]
 
-    photos = [(f"skimage-{__version__}/{name}", Image.fromarray(
-        data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()))
-        for name in SAMPLES]
+    photos = [
+        (
+            f"skimage-{__version__}/{name}",
+            Image.fromarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()),
+        )
+        for name in SAMPLES
+    ]
     return [(name, photo.convert("RGB")) for name, photo in photos]
 
 
@@ -50,8 +54,10 @@ def class_index(folder: str, class_names: list[str]) -> int:
     for i, name in enumerate(class_names):
         if name.casefold() == wanted:
             return i
-    raise DataError(f"image folder {folder!r} is not an ImageNet class; name class folders by "
-                    "WordNet id (n02123045), class name (tabby) or index (281)")
+    raise DataError(
+        f"image folder {folder!r} is not an ImageNet class; name class folders by "
+        "WordNet id (n02123045), class name (tabby) or index (281)"
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -61,8 +67,9 @@ def _images_in(folder: Path) -> list[Path]:
 class PhotoData:
     """Photos at the model's input size as [0,1] tensors; same interface as MNISTData's eval side."""
 
-    def __init__(self, images: str | None = None, name: str = "imagenet",
-                 num_classes: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self, images: str | None = None, name: str = "imagenet", num_classes: int = 1000, seed: int = 0
+    ) -> None:
         self.images, self.name, self.num_classes, self.seed = images, name, num_classes, seed
         self.checksums: dict[str, str] = {}
         self.skipped: list[str] = []
@@ -70,8 +77,10 @@ class PhotoData:
 
     def prepare_data(self) -> None:
         if self.images and not Path(self.images).expanduser().is_dir():
-            raise DataError(f"data.module.images={self.images} is not a folder; pass a folder of "
-                            "photos, or leave it unset for scikit-image's sample photos")
+            raise DataError(
+                f"data.module.images={self.images} is not a folder; pass a folder of "
+                "photos, or leave it unset for scikit-image's sample photos"
+            )
 
     def _files(self) -> list[tuple[str, Path, str | None]]:
         """(name, path, folder label) of every candidate image."""
@@ -103,8 +112,10 @@ class PhotoData:
                 labels.append(None)
                 digest.update(sample.tobytes())
         if not loaded:
-            raise DataError(f"no readable image in {self.images}; put JPEG or PNG files there "
-                            "(or class sub-folders of them)")
+            raise DataError(
+                f"no readable image in {self.images}; put JPEG or PNG files there "
+                "(or class sub-folders of them)"
+            )
         self.names = [name for name, _ in loaded]
         self.x = torch.stack([tensor for _, tensor in loaded])  # (N, 3, H, W) in [0, 1]
         if any(label is None for label in labels):

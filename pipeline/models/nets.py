@@ -22,23 +22,34 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 class CNN(nn.Sequential):
     """Two 5×5 conv/max-pool blocks and a hidden dense layer; [0,1] images (B,1,28,28) → logits."""
 
-    def __init__(self, channels: Sequence[int] = (32, 64), hidden: int = 128,
-                 num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
         layers: list[nn.Module] = [Normalize(MNIST_MEAN, MNIST_STD)]
         size = image_size
         for c_in, c_out in pairwise((in_channels, *channels)):
             layers += [nn.Conv2d(c_in, c_out, 5), nn.ReLU(), nn.MaxPool2d(2)]
             size = (size - 4) // 2
-        layers += [nn.Flatten(), nn.Linear(channels[-1] * size * size, hidden), nn.ReLU(),
-                   nn.Linear(hidden, num_classes)]
+        layers += [
+            nn.Flatten(),
+            nn.Linear(channels[-1] * size * size, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        ]
         super().__init__(*layers)
 
 
 class MLP(nn.Sequential):
     """Fully connected ReLU net, e.g. Szegedy et al.'s FC100-100-10: [0,1] images → logits."""
 
-    def __init__(self, hidden: Sequence[int] = (100, 100), num_classes: int = 10,
-                 in_features: int = 784) -> None:
+    def __init__(
+        self, hidden: Sequence[int] = (100, 100), num_classes: int = 10, in_features: int = 784
+    ) -> None:
         layers: list[nn.Module] = [Normalize(MNIST_MEAN, MNIST_STD), nn.Flatten()]
         widths = (in_features, *hidden)
         for d_in, d_out in pairwise(widths):
@@ -50,8 +61,14 @@ class MLP(nn.Sequential):
 class Classifier(L.LightningModule):
     """Trains `net` (a `_target_` config dict) with Adam and a one-cycle learning rate."""
 
-    def __init__(self, net: dict, num_classes: int = 10, lr: float = 1e-3,
-                 max_lr: float = 3e-3, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: dict,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        max_lr: float = 3e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the pipeline logs the full config itself
         self.net = instantiate(net)
@@ -87,7 +104,8 @@ class Classifier(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.max_lr, total_steps=self.trainer.estimated_stepping_batches)
+            optimizer, max_lr=hp.max_lr, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -95,13 +113,16 @@ def load_classifier(checkpoint_path: str | Path) -> nn.Module:
     """The network in a pipeline checkpoint, in eval mode, mapping [0,1] images to logits."""
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .ckpt "
-                              "(see outputs/checkpoints/) or leave `checkpoint` unset to train one")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass an existing .ckpt "
+            "(see outputs/checkpoints/) or leave `checkpoint` unset to train one"
+        )
     try:
         classifier = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}); "
-                              "pass another checkpoint=, or retrain a cached one with train.force=true"
-                              ) from error
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}); "
+            "pass another checkpoint=, or retrain a cached one with train.force=true"
+        ) from error
     return classifier.net.eval()

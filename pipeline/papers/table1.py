@@ -31,17 +31,22 @@ def latest_sweep(tracker: Tracker, experiment: str):
     parents = tracker.find_runs(experiment, stage="sweep")  # newest first
     parent = next((r for r in parents if EXPERIMENT in r.data.params.get("sweep.overrides", "")), None)
     if parent is None:
-        raise PipelineError(f"no {EXPERIMENT} sweep in {tracker.uri}; run "
-                            f"`python -m pipeline {EXPERIMENT} -m` (or `make table1`) first")
-    return parent, [r for r in tracker.children(experiment, parent.info.run_id)
-                    if r.info.status == "FINISHED"]
+        raise PipelineError(
+            f"no {EXPERIMENT} sweep in {tracker.uri}; run "
+            f"`python -m pipeline {EXPERIMENT} -m` (or `make table1`) first"
+        )
+    return parent, [
+        r for r in tracker.children(experiment, parent.info.run_id) if r.info.status == "FINISHED"
+    ]
 
 
 def table(children) -> str:
     rows = {r.data.params["model.name"]: r for r in children}
-    lines = ["| model | test error (paper) | test error (ours) | avg. min. distortion (paper) "
-             "| avg. min. distortion (ours) | success (ours) | images |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | test error (paper) | test error (ours) | avg. min. distortion (paper) "
+        "| avg. min. distortion (ours) | success (ours) | images |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for option, (name, error, distortion) in PAPER.items():
         run = rows.get(option)
         if run is None:
@@ -49,9 +54,11 @@ def table(children) -> str:
             continue
         ours_error = 100 * (1 - float(run.data.tags["model.test_accuracy"]))
         m = run.data.metrics
-        lines.append(f"| {name} | {error:.2f}% | {ours_error:.2f}% | {distortion:.3f} | "
-                     f"{m['szegedy_distortion_mean']:.3f} | {m['success_rate']:.1%} | "
-                     f"{run.data.params['n_eval']} |")
+        lines.append(
+            f"| {name} | {error:.2f}% | {ours_error:.2f}% | {distortion:.3f} | "
+            f"{m['szegedy_distortion_mean']:.3f} | {m['success_rate']:.1%} | "
+            f"{run.data.params['n_eval']} |"
+        )
     return "\n".join(lines)
 
 
@@ -62,9 +69,11 @@ def main(cfg: DictConfig) -> None:
     parent, children = latest_sweep(tracker, cfg.tracking.experiment)
     text = table(children)
     commit = parent.data.tags.get("git_commit", "unknown")[:10]
-    note = (f"Szegedy et al. 2013, Table 1, beside this pipeline (sweep run {parent.info.run_id}, "
-            f"commit {commit}); our models are trained differently (Adam, ReLU, 4 epochs), so "
-            "compare the trends, not the digits.")
+    note = (
+        f"Szegedy et al. 2013, Table 1, beside this pipeline (sweep run {parent.info.run_id}, "
+        f"commit {commit}); our models are trained differently (Adam, ReLU, 4 epochs), so "
+        "compare the trends, not the digits."
+    )
     tracker.log_text(parent.info.run_id, f"{note}\n\n{text}\n", "table1.md")
     print(f"{note}\n\n{text}")
 

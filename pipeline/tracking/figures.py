@@ -21,21 +21,25 @@ def _image(ax, img: torch.Tensor, **kwargs) -> None:
     ax.set_yticks([])
 
 
-def example_grid(examples: Mapping[str, torch.Tensor], title: str, columns: int = 4,
-                 class_names: Sequence[str] | None = None, label_word: str = "true") -> Figure:
+def example_grid(
+    examples: Mapping[str, torch.Tensor],
+    title: str,
+    columns: int = 4,
+    class_names: Sequence[str] | None = None,
+    label_word: str = "true",
+) -> Figure:
     """Triplets original | perturbation (scaled to its own max) | adversarial, captioned with the
     label (`label_word`: "true", or "ref" for a reference label taken from the model),
     predictions and confidences; red captions mark successful attacks."""
     name = (lambda c: class_names[c]) if class_names else str
     n = len(examples["y"])
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, 3 * columns, figsize=(3 * columns * 1.25, rows * 1.8 + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, 3 * columns, figsize=(3 * columns * 1.25, rows * 1.8 + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
         row, col = divmod(i, columns)
-        ax_x, ax_d, ax_a = axes[row, 3 * col: 3 * col + 3]
+        ax_x, ax_d, ax_a = axes[row, 3 * col : 3 * col + 3]
         x, x_adv = examples["x"][i], examples["x_adv"][i]
         delta = x_adv - x
         scale = float(delta.abs().max()) or 1.0
@@ -49,19 +53,22 @@ def example_grid(examples: Mapping[str, torch.Tensor], title: str, columns: int 
         for ax in (ax_x, ax_d, ax_a):
             ax.axis("on")
         y, clean, adv = int(examples["y"][i]), int(examples["clean_pred"][i]), int(examples["adv_pred"][i])
-        ax_x.set_title(f"{label_word} {name(y)}\npred {name(clean)} "
-                       f"{examples['clean_confidence'][i]:.0%}", fontsize=7)
+        ax_x.set_title(
+            f"{label_word} {name(y)}\npred {name(clean)} {examples['clean_confidence'][i]:.0%}", fontsize=7
+        )
         ax_d.set_title(f"perturbation\n±{scale:.3g}", fontsize=7)
         target = f" → {name(int(examples['target'][i]))}" if "target" in examples else ""
-        ax_a.set_title(f"adv{target}\npred {name(adv)} {examples['adv_confidence'][i]:.0%}",
-                       fontsize=7, color="red" if bool(examples["success"][i]) else "black")
+        ax_a.set_title(
+            f"adv{target}\npred {name(adv)} {examples['adv_confidence'][i]:.0%}",
+            fontsize=7,
+            color="red" if bool(examples["success"][i]) else "black",
+        )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def metric_curves(x_label: str, series: Mapping[str, Mapping[str, tuple[list, list]]],
-                  title: str) -> Figure:
+def metric_curves(x_label: str, series: Mapping[str, Mapping[str, tuple[list, list]]], title: str) -> Figure:
     """One panel per metric; in each, one line per series label: {metric: {label: (xs, ys)}}."""
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
     for ax, (metric, lines) in zip(axes[0], series.items(), strict=True):
@@ -77,8 +84,9 @@ def metric_curves(x_label: str, series: Mapping[str, Mapping[str, tuple[list, li
     return fig
 
 
-def min_norm_figure(norms: Sequence[float], radii: Sequence[float], accuracy: Sequence[float],
-                    title: str) -> Figure:
+def min_norm_figure(
+    norms: Sequence[float], radii: Sequence[float], accuracy: Sequence[float], title: str
+) -> Figure:
     """A minimal-perturbation attack's result: the histogram of the per-image minimal L2 of its
     successful adversarials, and the accuracy-vs-L2-budget curve that follows from them."""
     fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(9, 3.6))

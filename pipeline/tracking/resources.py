@@ -25,8 +25,10 @@ def memory_mb() -> dict[str, float]:
     """{"rss_mb": resident now, "peak_rss_mb": the peak since reset_peak()} in MiB."""
     try:
         fields = dict(line.split(":", 1) for line in _STATUS.read_text().splitlines() if ":" in line)
-        return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
-                "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}
+        return {
+            "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+            "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
+        }
     except (OSError, KeyError, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -68,27 +68,40 @@ def _probe(uri: str) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise TrackingError(f"cannot create {directory} for the MLflow store ({error}); "
-                                "pass a writable paths.outputs or set MLFLOW_TRACKING_URI") from error
+            raise TrackingError(
+                f"cannot create {directory} for the MLflow store ({error}); "
+                "pass a writable paths.outputs or set MLFLOW_TRACKING_URI"
+            ) from error
         if not os.access(directory, os.W_OK):
-            raise TrackingError(f"{directory} is not writable, so the MLflow store {uri} cannot "
-                                "be written; pass a writable paths.outputs or set MLFLOW_TRACKING_URI")
+            raise TrackingError(
+                f"{directory} is not writable, so the MLflow store {uri} cannot "
+                "be written; pass a writable paths.outputs or set MLFLOW_TRACKING_URI"
+            )
 
 
 @functools.cache
 def provenance_tags() -> dict[str, str]:
     """Git commit and library versions: what is needed to rerun a result exactly (read once
     per process)."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
-                                  text=True, timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(PROJECT_ROOT), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return "unknown"
 
     commit = git("rev-parse", "HEAD")
-    tags = {MLFLOW_GIT_COMMIT: commit, "git_commit": commit,
-            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+    tags = {
+        MLFLOW_GIT_COMMIT: commit,
+        "git_commit": commit,
+        "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
+    }
     for package in ("torch", "torchvision", "pytorch-lightning", "mlflow", "hydra-core"):
         tags[f"version.{package}"] = version(package)
     return tags
@@ -112,8 +125,10 @@ class Tracker:
         try:
             tracker.client.search_experiments(max_results=1)
         except Exception as error:
-            raise TrackingError(f"MLflow store {cfg.uri} cannot be used ({_one_line(error)}); "
-                                "fix MLFLOW_TRACKING_URI or unset it") from error
+            raise TrackingError(
+                f"MLflow store {cfg.uri} cannot be used ({_one_line(error)}); "
+                "fix MLFLOW_TRACKING_URI or unset it"
+            ) from error
         return tracker
 
     def experiment_id(self, name: str) -> str:
@@ -129,8 +144,14 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
-    def start_run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
-                  tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
+    def start_run(
+        self,
+        experiment: str,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_id: str | None = None,
+    ) -> str:
         all_tags = {**provenance_tags(), **(tags or {}), MLFLOW_RUN_NAME: name}  # a new dict
         if parent_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
@@ -143,8 +164,9 @@ class Tracker:
             raise
         return run_id
 
-    def end_run(self, run_id: str, status: str = "FINISHED",
-                error: BaseException | str | None = None) -> None:
+    def end_run(
+        self, run_id: str, status: str = "FINISHED", error: BaseException | str | None = None
+    ) -> None:
         """Close a run; `error` (an exception or a sentence) becomes its `error` tag."""
         if error is None:
             self.client.set_terminated(run_id, status)
@@ -155,8 +177,14 @@ class Tracker:
             self.client.set_terminated(run_id, status)
 
     @contextmanager
-    def run(self, experiment: str, name: str, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
+    def run(
+        self,
+        experiment: str,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_id: str | None = None,
+    ) -> Iterator[str]:
         """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING."""
         run_id = self.start_run(experiment, name, params, tags, parent_id)
         try:
@@ -172,20 +200,22 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, params=items[i: i + _BATCH])
+            self.client.log_batch(run_id, params=items[i : i + _BATCH])
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         items = [RunTag(key, str(value)) for key, value in tags.items()]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, tags=items[i: i + _BATCH])
+            self.client.log_batch(run_id, tags=items[i : i + _BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step)
-                                               for key, value in metrics.items()])
+        self.client.log_batch(
+            run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
+        )
 
-    def log_figure(self, run_id: str, figure, artifact_file: str, image_key: str | None = None,
-                   step: int = 0) -> None:
+    def log_figure(
+        self, run_id: str, figure, artifact_file: str, image_key: str | None = None, step: int = 0
+    ) -> None:
         """A figure as a PNG artifact; with `image_key` also as an image at `step`, which the UI's
         image chart puts beside the other runs' images."""
         self.client.log_figure(run_id, figure, artifact_file)
@@ -212,8 +242,12 @@ class Tracker:
         if self.client.get_experiment_by_name(experiment) is None:
             return []
         where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-        return self.client.search_runs([self.experiment_id(experiment)], filter_string=where,
-                                       max_results=10_000, order_by=["attributes.start_time DESC"])
+        return self.client.search_runs(
+            [self.experiment_id(experiment)],
+            filter_string=where,
+            max_results=10_000,
+            order_by=["attributes.start_time DESC"],
+        )
 
     def children(self, experiment: str, parent_id: str) -> list:
         return self.find_runs(experiment, **{MLFLOW_PARENT_RUN_ID: parent_id})

@@ -97,7 +97,8 @@ def planned_jobs(config: DictConfig) -> list[DictConfig] | None:
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     choices: dict[str, list[str]] = {}
     for override in OverridesParser.create(config_loader=loader).parse_overrides(
-            params + list(config.hydra.overrides.task)):
+        params + list(config.hydra.overrides.task)
+    ):
         key = override.get_key_element()
         if not override.is_sweep_override():
             choices[key] = [f"{key}={override.get_value_element_as_str()}"]
@@ -116,8 +117,7 @@ def preflight(jobs: list[DictConfig]) -> None:
             validate(job)
             check_devices(job, multirun=True)
         except PipelineError as error:
-            raise type(error)(f"{error} (sweep point {number} of {len(jobs)}; no job was started)") \
-                from error
+            raise type(error)(f"{error} (sweep point {number} of {len(jobs)}; no job was started)") from error
 
 
 def _alive(tags: Mapping[str, str]) -> bool:
@@ -142,9 +142,16 @@ class Sweep:
 
     open: list[Sweep] = []
 
-    def __init__(self, tracker: Tracker, experiment: str, overrides: list[str],
-                 sweeper_params: Mapping[str, Any] | None = None, *, resume: bool = False,
-                 planned: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        experiment: str,
+        overrides: list[str],
+        sweeper_params: Mapping[str, Any] | None = None,
+        *,
+        resume: bool = False,
+        planned: list[str] | None = None,
+    ) -> None:
         self.tracker, self.experiment = tracker, experiment
         self.swept = swept_keys(overrides, sweeper_params)
         self.jobs = self.failed_jobs = self.skipped = 0
@@ -157,9 +164,11 @@ class Sweep:
             self._resume(earlier[0], planned)
         else:
             self.run_id = tracker.start_run(
-                experiment, self.name,
+                experiment,
+                self.name,
                 params={"sweep.overrides": " ".join(overrides)},
-                tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep", "sweep.key": key})
+                tags={"sweep.swept_keys": ",".join(self.swept), "stage": "sweep", "sweep.key": key},
+            )
         tracker.set_tags(self.run_id, {"sweep.host": socket.gethostname(), "sweep.pid": str(os.getpid())})
         os.environ[PARENT_ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(self.swept)
@@ -170,7 +179,8 @@ class Sweep:
             pid = parent.data.tags["sweep.pid"]
             raise PipelineError(
                 f"this sweep (run {self.run_id}) is still running in process {pid}; "
-                "wait for it, stop it, or pass resume=false to start a separate sweep")
+                "wait for it, stop it, or pass resume=false to start a separate sweep"
+            )
         for key in parent.data.tags:  # the outcomes of the earlier attempt's jobs
             if key.startswith(JOB_TAG):
                 self.tracker.client.delete_tag(self.run_id, key)
@@ -182,12 +192,16 @@ class Sweep:
         self.tracker.reopen(self.run_id)
         if planned is None:
             self.skipped = len(done)
-            print(f"resuming sweep {self.run_id}: points with a finished run ({len(done)}) are skipped "
-                  "(resume=false starts afresh)")
+            print(
+                f"resuming sweep {self.run_id}: points with a finished run ({len(done)}) are skipped "
+                "(resume=false starts afresh)"
+            )
         else:
             self.skipped = sum(digest in done for digest in planned)
-            print(f"resuming sweep {self.run_id}: {self.skipped} of {len(planned)} points already done "
-                  "(resume=false starts afresh)")
+            print(
+                f"resuming sweep {self.run_id}: {self.skipped} of {len(planned)} points already done "
+                "(resume=false starts afresh)"
+            )
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         """Count the jobs' outcomes (tags the jobs wrote, wherever they ran), plot, close."""
@@ -208,15 +222,23 @@ class Sweep:
             self.finish()
 
     def _summarise(self) -> None:
-        outcomes = [value for key, value in self.tracker.client.get_run(self.run_id).data.tags.items()
-                    if key.startswith(JOB_TAG)]
+        outcomes = [
+            value
+            for key, value in self.tracker.client.get_run(self.run_id).data.tags.items()
+            if key.startswith(JOB_TAG)
+        ]
         self.jobs += len(outcomes)
         self.failed_jobs += sum(value.startswith("FAILED") for value in outcomes)
-        runs = [r for r in self.tracker.children(self.experiment, self.run_id)
-                if r.info.status == "FINISHED"]
-        self.tracker.log_metrics(self.run_id, {
-            "jobs": self.jobs, "jobs_failed": self.failed_jobs, "jobs_skipped": self.skipped,
-            "children_finished": len(runs)})
+        runs = [r for r in self.tracker.children(self.experiment, self.run_id) if r.info.status == "FINISHED"]
+        self.tracker.log_metrics(
+            self.run_id,
+            {
+                "jobs": self.jobs,
+                "jobs_failed": self.failed_jobs,
+                "jobs_skipped": self.skipped,
+                "children_finished": len(runs),
+            },
+        )
         if not runs:
             return
         try:
@@ -228,16 +250,27 @@ class Sweep:
         drawn = {}
         for artifact, metrics in SUMMARY_PLOTS.items():
             x_key, series = sweep_series(runs, self.swept, metrics)
-            self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"),
-                                    artifact)
-            drawn.update({metric: {label or "all": {x_key: xs, metric: ys}
-                                   for label, (xs, ys) in lines.items()}
-                          for metric, lines in series.items()})
+            self.tracker.log_figure(self.run_id, metric_curves(x_key, series, "sweep summary"), artifact)
+            drawn.update(
+                {
+                    metric: {label or "all": {x_key: xs, metric: ys} for label, (xs, ys) in lines.items()}
+                    for metric, lines in series.items()
+                }
+            )
         self.tracker.log_dict(self.run_id, drawn, "summary_series.json")  # the plotted lines
-        self.tracker.log_dict(self.run_id, [
-            {"run_id": r.info.run_id, "run_name": r.info.run_name,
-             "params": {k: r.data.params.get(k) for k in self.swept}, "metrics": r.data.metrics}
-            for r in runs], "sweep_summary.json")
+        self.tracker.log_dict(
+            self.run_id,
+            [
+                {
+                    "run_id": r.info.run_id,
+                    "run_name": r.info.run_name,
+                    "params": {k: r.data.params.get(k) for k in self.swept},
+                    "metrics": r.data.metrics,
+                }
+                for r in runs
+            ],
+            "sweep_summary.json",
+        )
 
     def _publish_view(self, runs: list) -> str:
         """Save the sweep's comparison as a view named like the parent run (a resumed sweep
@@ -274,9 +307,14 @@ def open_sweep(config: DictConfig) -> Sweep:
     jobs = planned_jobs(config)
     if jobs is not None:
         preflight(jobs)
-    return Sweep(Tracker.connect(config.tracking), config.tracking.experiment,
-                 list(config.hydra.overrides.task), config.hydra.sweeper.get("params"),
-                 resume=config.resume, planned=None if jobs is None else [config_hash(j) for j in jobs])
+    return Sweep(
+        Tracker.connect(config.tracking),
+        config.tracking.experiment,
+        list(config.hydra.overrides.task),
+        config.hydra.sweeper.get("params"),
+        resume=config.resume,
+        planned=None if jobs is None else [config_hash(j) for j in jobs],
+    )
 
 
 def record_job(config: DictConfig, outcome: str) -> None:
@@ -287,8 +325,7 @@ def record_job(config: DictConfig, outcome: str) -> None:
         Tracker(config.tracking.uri).set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
 
 
-def finish_open_sweeps(status: str, error: BaseException | None = None,
-                       job_failed: bool = False) -> None:
+def finish_open_sweeps(status: str, error: BaseException | None = None, job_failed: bool = False) -> None:
     """Close every parent run still open (on an error that escaped the sweep; `job_failed`: it
     escaped from a job, which Hydra then did not count)."""
     for sweep in list(Sweep.open):
