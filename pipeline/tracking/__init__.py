@@ -1,5 +1,3 @@
-"""Everything MLflow: the run store, sweep parent runs, figures, saved UI views and the server."""
-
-from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker, provenance_tags
-
-__all__ = ["PARENT_ENV", "SWEPT_ENV", "Tracker", "provenance_tags"]
+"""Everything MLflow: the run store (`store.Tracker`), sweep parent runs, figures, saved UI
+views and the server. Nothing is imported here, so `python -m pipeline.tracking.ui` and
+`python -m pipeline.tracking.server` start without loading the rest."""
