@@ -5,6 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.bench import startup
 from pipeline.bench.harness import run_bench
 from pipeline.bench.implementations import ATTACKS, hyper_parameters
 from pipeline.bench.report import findings
@@ -31,8 +32,11 @@ def bench_config(outputs, *extra):
 
 
 @pytest.mark.slow
-def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path):
+def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch):
+    quick = {k: v for k, v in startup.COMMANDS.items() if k != "job_imports_seconds"}  # ~30 s each
+    monkeypatch.setattr(startup, "COMMANDS", quick)
     report = run_bench(bench_config(tmp_path, "eps=0.2", "attacks=[fgsm]"))
+    assert set(report["startup"]) == set(quick) and all(s > 0 for s in report["startup"].values())
 
     rows = {r["key"]: r for r in report["attacks"]}
     assert [r["role"] for r in report["attacks"]] == ["ours"] * 2 + ["peer"] * 4 + ["floor"] * 2

@@ -82,6 +82,27 @@ def test_sweep_as_typed_then_rerun_gives_identical_metrics(mnist_root, store, tm
     assert len([r for r in all_runs(store) if r.data.tags.get("stage") == "train"]) == 1
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["eps=2"]])
+def test_help_and_config_errors_answer_before_torch_lightning_and_mlflow(args):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"hydra", "omegaconf"} <= imported
+    assert not {"torch", "pytorch_lightning", "mlflow", "matplotlib"} & imported
+    if args == ["eps=2"]:
+        assert done.returncode == 2 and "error: eps=2 is out of range" in done.stderr
+    else:
+        assert done.returncode == 0 and ("Config groups" in done.stdout or "attack:" in done.stdout)
+
+
 def test_bad_input_in_a_real_process(store, tmp_path):
     result = cli(["attack=nope", f"paths.outputs={tmp_path}"], store)
     assert result.returncode == 2
