@@ -85,6 +85,11 @@ SET_HERE = {"bim": ("alpha",)}
 # ---------------------------------------------------------------- helpers
 
 
+def _hyper(s: dict, section: str) -> dict:
+    """The attack hyper-parameters among a section's settings (all but its OWN_KEYS)."""
+    return {key: value for key, value in s.items() if key not in OWN_KEYS[section]}
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     if len(x) == 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
@@ -138,19 +143,7 @@ def measure_cw(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     xs, ys, targets = _all_targets(x, y, num_classes)
 
     def attack(a, b, t):
-        return cw_l2(
-            model,
-            a,
-            b,
-            targeted=True,
-            target=t,
-            confidence=s["confidence"],
-            c_init=s["c_init"],
-            binary_steps=s["binary_steps"],
-            steps=s["steps"],
-            lr=s["lr"],
-            abort_early=s["abort_early"],
-        )
+        return cw_l2(model, a, b, targeted=True, target=t, **_hyper(s, "cw"))
 
     adv = split_or_call(split, attack, xs, ys, targets)
     return over_targets(l2(adv - xs), predict(model, adv) == targets, len(x), "l2")
@@ -158,7 +151,7 @@ def measure_cw(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
 
 def measure_deepfool(model, x, y, s: dict, split) -> dict:
     def attack(a, b):
-        return deepfool(model, a, b, steps=s["steps"], overshoot=s["overshoot"], candidates=s["candidates"])
+        return deepfool(model, a, b, **_hyper(s, "deepfool"))
 
     adv = split_or_call(split, attack, x, y)
     return _untargeted(x, adv, predict(model, adv) != y)
@@ -169,19 +162,7 @@ def measure_lbfgs(model, x, y, s: dict, split, num_classes: int = 10) -> dict:
     target = next_class(y, num_classes) if targeted else None
 
     def attack(a, b, t):
-        return lbfgs(
-            model,
-            a,
-            b,
-            target=t,
-            targeted=targeted,
-            c_init=s["c_init"],
-            c_steps=s["c_steps"],
-            max_iter=s["max_iter"],
-            history=s["history"],
-            ftol=s["ftol"],
-            warm_start=s["warm_start"],
-        )
+        return lbfgs(model, a, b, target=t, targeted=targeted, **_hyper(s, "lbfgs"))
 
     adv = split_or_call(split, attack, x, y, target)
     pred = predict(model, adv)
