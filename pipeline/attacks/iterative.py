@@ -1,5 +1,6 @@
 """Iterative gradient attacks under an eps budget: BIM (Kurakin et al. 2017), PGD (Madry et al.
-2018; Linf and L2, random start, restarts) and MI-FGSM (Dong et al. 2018).
+2018; Linf and L2, random start, restarts), MI-FGSM (Dong et al. 2018) and TRADES' inner
+maximisation of the KL divergence from the clean prediction (Zhang et al. 2019).
 
 Every step is projected back onto the threat model — the eps ball around x intersected with
 [0,1] — so every iterate, not only the last, is a valid adversarial. Losses are summed over the
@@ -10,6 +11,8 @@ broadcast against x, (B, 1, 1, 1), e.g. to bisect each image's radius.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +42,28 @@ def _loss(
     return F.cross_entropy(logits, y, reduction="none"), logits
 
 
-def _gradient(model, z, y, targeted, target) -> torch.Tensor:
-    z = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss, _ = _loss(model, z, y, targeted, target)
-        (grad,) = torch.autograd.grad(loss.sum(), z)
-    return grad
+Gradient = Callable[[torch.Tensor], torch.Tensor]  # z → ∇ of the summed loss the attack increases
 
 
-def _ascend(model, x, z, y, eps, norm, alpha, steps, targeted, target, decay=None) -> torch.Tensor:
+def _loss_gradient(model, y, targeted, target) -> Gradient:
+    """z ↦ ∇_z of the summed CE(y) (untargeted) or −CE(target) (targeted)."""
+
+    def gradient(z: torch.Tensor) -> torch.Tensor:
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, _ = _loss(model, z, y, targeted, target)
+            (grad,) = torch.autograd.grad(loss.sum(), z)
+        return grad
+
+    return gradient
+
+
+def _ascend(gradient: Gradient, x, z, eps, norm, alpha, steps, decay=None) -> torch.Tensor:
     """`steps` projected steps from z: sign of the gradient (Linf) or the L2-normalised gradient
     (L2); with `decay`, MI-FGSM's momentum over L1-normalised gradients."""
     momentum = torch.zeros_like(x) if decay is not None else None
     for _ in range(steps):
-        grad = _gradient(model, z, y, targeted, target)
+        grad = gradient(z)
         if momentum is not None:
             scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
             momentum = grad / scale.clamp_min(1e-30) + decay * momentum
@@ -98,12 +109,13 @@ def pgd(
     _check(targeted, target, steps, restarts)
     alpha = default_alpha(PGD_STEP, eps, steps) if alpha is None else alpha
     x = x.detach()
+    gradient = _loss_gradient(model, y, targeted, target)
     best: torch.Tensor | None = None
     best_success: torch.Tensor | None = None
     best_loss: torch.Tensor | None = None
     for restart in range(restarts):
         start = random_point(x, eps, norm, seeds, restart) if random_start else x
-        z = _ascend(model, x, start, y, eps, norm, alpha, steps, targeted, target)
+        z = _ascend(gradient, x, start, eps, norm, alpha, steps)
         if restarts == 1:
             return z
         with torch.no_grad():
@@ -138,7 +150,8 @@ def bim(
     — PGD without a random start."""
     _check(targeted, target, steps, 1)
     alpha = default_alpha(BIM_STEP, eps, steps) if alpha is None else alpha
-    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target)
+    gradient = _loss_gradient(model, y, targeted, target)
+    return _ascend(gradient, x.detach(), x.detach(), eps, "linf", alpha, steps)
 
 
 @per_eps
@@ -158,4 +171,37 @@ def mifgsm(
     (None: BIM_STEP·eps/steps) along g, projected onto the Linf ball of radius eps and [0,1]."""
     _check(targeted, target, steps, 1)
     alpha = default_alpha(BIM_STEP, eps, steps) if alpha is None else alpha
-    return _ascend(model, x.detach(), x.detach(), y, eps, "linf", alpha, steps, targeted, target, decay=decay)
+    gradient = _loss_gradient(model, y, targeted, target)
+    return _ascend(gradient, x.detach(), x.detach(), eps, "linf", alpha, steps, decay=decay)
+
+
+@per_eps
+def pgd_kl(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    alpha: float | None,
+    steps: int,
+    init_std: float,
+) -> torch.Tensor:
+    """TRADES' inner maximisation (Zhang et al. 2019): from x + init_std·N(0, 1), `steps` signed
+    steps of size `alpha` (None: PGD_STEP·eps/steps) up KL(f(x) ‖ f(z)), the divergence of z's
+    prediction from x's, each projected onto the Linf ball of radius eps and [0,1]. Labels are not
+    used (`y` keeps the attacks' common signature); the start is drawn from the global generator."""
+    _check(False, None, steps, 1)
+    alpha = default_alpha(PGD_STEP, eps, steps) if alpha is None else alpha
+    x = x.detach()
+    with torch.no_grad():
+        clean = F.log_softmax(model(x), dim=1)
+
+    def gradient(z: torch.Tensor) -> torch.Tensor:
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            kl = F.kl_div(F.log_softmax(model(z), dim=1), clean, reduction="sum", log_target=True)
+            (grad,) = torch.autograd.grad(kl, z)
+        return grad
+
+    start = project(x, x + init_std * torch.randn_like(x), eps, "linf")
+    return _ascend(gradient, x, start, eps, "linf", alpha, steps)
