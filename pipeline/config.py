@@ -27,6 +27,8 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 TARGET_STRATEGIES = ("next", "random", "least_likely")
+TRAINING_METHODS = ("fgsm_rs", "n_fgsm", "pgd", "trades")  # pipeline.models.adversarial
+OVERFIT_ACTIONS = ("warn", "stop", "restart")  # pipeline.models.robustness
 
 # Keys that say how or where a job runs, not what it computes: left out of a job's config hash
 # (resume matching) and of a sweep's identity. cpu_workers changes no number (tested).
@@ -140,10 +142,7 @@ def validate(cfg: DictConfig) -> None:
     workers = cfg.cpu_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")
-    _positive_int("train.batch_size", cfg.train.batch_size)
-    _positive_int("train.epochs", cfg.train.epochs)
-    if cfg.train.n_train is not None:
-        _positive_int("train.n_train", cfg.train.n_train)
+    check_training(cfg.train, cfg.data.get("module", {}).get("val_size"))
     if cfg.attack.targeted and cfg.attack.get("untargeted_only"):
         raise ConfigError(
             f"attack={cfg.attack.name} is untargeted only; drop attack.targeted=true "
@@ -163,6 +162,46 @@ def validate(cfg: DictConfig) -> None:
                 f"attack.target={target!r} is unknown; pass one of "
                 f"{', '.join(TARGET_STRATEGIES)} or a class index 0..{n_classes - 1}"
             )
+
+
+def check_training(train: DictConfig, val_size: int | None = None) -> None:
+    """The `train` config's values: sizes, and for adversarial training its method and numbers
+    (`val_size`: the validation images the per-epoch robustness check can draw from)."""
+    _positive_int("train.batch_size", train.batch_size)
+    _positive_int("train.epochs", train.epochs)
+    if train.n_train is not None:
+        _positive_int("train.n_train", train.n_train)
+    method = train.get("method")
+    if method is None:
+        return
+    if method not in TRAINING_METHODS:
+        raise ConfigError(
+            f"train.method={method!r} is unknown; use fgsm_rs, n_fgsm or pgd (train=adversarial) "
+            "or train=trades"
+        )
+    _eps("train.eps", train.eps)
+    _positive_int("train.steps", train.steps)
+    if train.alpha is not None and _number("train.alpha", train.alpha) <= 0:
+        raise ConfigError(f"train.alpha={train.alpha} must be positive (or null for the method's default)")
+    for key in ("noise", "ramp_epochs", "init_std"):
+        if key in train and _number(f"train.{key}", train[key]) < 0:
+            raise ConfigError(f"train.{key}={train[key]} must be ≥ 0")
+    if method == "trades" and ("beta" not in train or _number("train.beta", train.beta) < 0):
+        raise ConfigError(
+            f"train.beta={train.get('beta')} must be a number ≥ 0 (TRADES' robustness weight, e.g. "
+            "train.beta=6); train=trades sets it"
+        )
+    if train.get("robust_eval"):
+        _positive_int("train.robust_eval.n", train.robust_eval.n, upper=val_size)
+        _positive_int("train.robust_eval.steps", train.robust_eval.steps)
+    if train.get("overfit"):
+        if train.overfit.action not in OVERFIT_ACTIONS:
+            raise ConfigError(
+                f"train.overfit.action={train.overfit.action!r} is unknown; use {', '.join(OVERFIT_ACTIONS)}"
+            )
+        gap = _number("train.overfit.gap", train.overfit.gap)
+        if not 0 < gap <= 1:
+            raise ConfigError(f"train.overfit.gap={gap} must lie in (0, 1], e.g. train.overfit.gap=0.3")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

@@ -15,12 +15,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import Normalize
 
 from pipeline.errors import CheckpointError
+from pipeline.models.adversarial import Recipe
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 class CNN(nn.Sequential):
-    """Two 5×5 conv/max-pool blocks and a hidden dense layer; [0,1] images (B,1,28,28) → logits."""
+    """5×5 conv/max-pool blocks and a hidden dense layer; [0,1] images (B,1,28,28) → logits.
+    `padding` 0 shrinks each conv's output by 4 pixels; 2 keeps its size (TensorFlow's 'SAME')."""
 
     def __init__(
         self,
@@ -29,12 +31,13 @@ class CNN(nn.Sequential):
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
+        padding: int = 0,
     ) -> None:
         layers: list[nn.Module] = [Normalize(MNIST_MEAN, MNIST_STD)]
         size = image_size
         for c_in, c_out in pairwise((in_channels, *channels)):
-            layers += [nn.Conv2d(c_in, c_out, 5), nn.ReLU(), nn.MaxPool2d(2)]
-            size = (size - 4) // 2
+            layers += [nn.Conv2d(c_in, c_out, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2)]
+            size = (size - 4 + 2 * padding) // 2
         layers += [
             nn.Flatten(),
             nn.Linear(channels[-1] * size * size, hidden),
@@ -59,7 +62,9 @@ class MLP(nn.Sequential):
 
 
 class Classifier(L.LightningModule):
-    """Trains `net` (a `_target_` config dict) with Adam and a one-cycle learning rate."""
+    """Trains `net` (a `_target_` config dict) with Adam and a one-cycle learning rate, on the
+    training images as they are or, with `adversarial` (the `train` config of train=adversarial
+    or train=trades), on adversarials crafted against the current weights."""
 
     def __init__(
         self,
@@ -68,10 +73,12 @@ class Classifier(L.LightningModule):
         lr: float = 1e-3,
         max_lr: float = 3e-3,
         weight_decay: float = 0.0,
+        adversarial: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the pipeline logs the full config itself
         self.net = instantiate(net)
+        self.recipe = Recipe.from_config(adversarial) if adversarial else None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -81,8 +88,13 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        if self.recipe is None:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        else:
+            eps = self.recipe.eps_at(self.current_epoch + batch_idx / self.trainer.num_training_batches)
+            loss, logits = self.recipe.loss(self.net, x, y, eps)
+            self.log("train_eps", eps, on_step=True, on_epoch=False)
         self.train_acc(logits, y)
         self.log("train_loss", loss)
         self.log("train_accuracy", self.train_acc, on_step=False, on_epoch=True)
