@@ -25,6 +25,8 @@ def bench_config(outputs, *extra):
             "repeats=1",
             "cpu_workers=2",
             "end_to_end.n_eval=32",
+            "adversarial_training.n_train=500",
+            "adversarial_training.robust_eval.n=50",
             *extra,
         ],
         name="bench",
@@ -60,6 +62,13 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
     assert eps["eps_list"] == [0.05, 0.1, 0.2] and eps["images"] == 48
     assert eps["list_vs_expected"] > 0 and eps["speedup"] > 0
     assert report["training"]["test_accuracy"] > 0.5 and report["training"]["wall_seconds"] > 0
+    adversarial = report["training"]["adversarial"]
+    assert adversarial["recipe"].startswith("adversarial fgsm_rs eps=0.3")
+    assert adversarial["passes_per_image"] == 2 and adversarial["images"] == 500
+    assert adversarial["vs_floor"] == pytest.approx(
+        adversarial["images_per_second"] / adversarial["floor_images_per_second"]
+    )
+    assert 0 < adversarial["step_seconds"] < adversarial["wall_seconds"]
     e2e = report["end_to_end"]
     assert e2e["jobs"] == 3 and e2e["n_eval"] == 32
     parts = ("startup_seconds", "setup_seconds", "attack_seconds", "tracking_seconds", "other_seconds")
@@ -72,6 +81,7 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
     assert "| fgsm | advex-pipeline (split over 2 cores) |" in markdown
     assert markdown.count("identical adversarials") == 5
     assert "**end to end**" in markdown and "**training**" in markdown
+    assert "**adversarial training** adversarial fgsm_rs" in markdown
 
     run = MlflowClient(store).get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.startup import command
+from pipeline.config import flatten
 from pipeline.tracking.store import Tracker
 
 
@@ -121,6 +122,16 @@ def markdown(report: dict) -> str:
             f"({t['fit_seconds']:.1f} s fitting), test accuracy {t['test_accuracy']:.4f}",
             "",
         ]
+        if a := t.get("adversarial"):
+            lines += [
+                f"**adversarial training** {a['recipe']}: {a['images']} training images in "
+                f"{a['step_seconds']:.1f} s of training steps ({a['images_per_second']:.0f} img/s; "
+                f"floor {a['passes_per_image']} fwd+bwd per image: {a['floor_images_per_second']:.0f} "
+                f"img/s, ratio {a['vs_floor']:.2f}), plus {a['check_seconds']:.1f} s of per-epoch "
+                f"robustness checks; {a['wall_seconds']:.1f} s wall; test accuracy "
+                f"{a['test_accuracy']:.4f}, validation PGD accuracy {a['val_pgd_accuracy']:.4f}",
+                "",
+            ]
     if s := report.get("end_to_end"):
         lines += [
             f"**end to end** `python -m pipeline {s['sweep']} n_eval={s['n_eval']} -m` "
@@ -194,7 +205,7 @@ def _metrics(report: dict) -> dict[str, float]:
                 }
             )
     for section in ("eps_list", "training", "end_to_end", "startup"):
-        for key, value in report.get(section, {}).items():
+        for key, value in flatten(report.get(section, {})).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[f"{section}.{key}"] = value
     return metrics

@@ -242,8 +242,9 @@ def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.
     }
 
 
-def training(cfg: DictConfig, tracker: Tracker) -> dict:
-    """Train the configured model from scratch (into a temporary folder, the cache untouched)."""
+def _train_afresh(cfg: DictConfig, tracker: Tracker) -> tuple[dict, float]:
+    """(model card, wall seconds) of training cfg's model from scratch into a temporary folder
+    (the cache untouched)."""
     cfg = cfg.copy()
     data = build(cfg.data.module)
     data.prepare_data()
@@ -252,13 +253,56 @@ def training(cfg: DictConfig, tracker: Tracker) -> dict:
         OmegaConf.update(cfg, "paths.checkpoints", tmp)
         start = time.perf_counter()
         info = checkpoint_for(cfg, data, tracker).info
-        wall = time.perf_counter() - start
-    return {
+        return info, time.perf_counter() - start
+
+
+def training(cfg: DictConfig, tracker: Tracker) -> dict:
+    """Train the configured model from scratch; then, with `adversarial_training`, that recipe
+    beside its floor."""
+    info, wall = _train_afresh(cfg, tracker)
+    result = {
         "model": cfg.model.name,
         "epochs": cfg.train.epochs,
         "wall_seconds": wall,
         "fit_seconds": info["train_seconds"],
         "test_accuracy": info["test_accuracy"],
+    }
+    if cfg.get("adversarial_training"):
+        result["adversarial"] = adversarial_training(cfg, tracker)
+    return result
+
+
+def adversarial_training(cfg: DictConfig, tracker: Tracker) -> dict:
+    """Adversarial training (`cfg.adversarial_training`, a `train` config) against its floor:
+    (inner steps + 1) forward+backward passes per training image, timed over the same batch size
+    on the same model. The training steps are timed batch by batch (the per-epoch robustness check
+    and validation apart)."""
+    recipe = cfg.copy()
+    recipe.train = OmegaConf.create(OmegaConf.to_container(cfg.adversarial_training, resolve=True))
+    info, wall = _train_afresh(recipe, tracker)
+    train = recipe.train
+    passes = (train.steps if train.method in ("pgd", "trades") else 1) + 1
+    images = train.n_train or (60_000 - recipe.data.module.val_size)
+    images *= info["epochs_run"]
+    net = build(recipe.model.net)
+    x = torch.rand(train.batch_size * 8, 1, 28, 28)
+    y = torch.randint(0, recipe.data.num_classes, (len(x),))
+    floor = over_batches(forward_backward(net, passes), train.batch_size)
+    seconds = median_seconds({"floor": lambda: floor(x, y)}, repeats=5, device=torch.device("cpu"))
+    floor_per_second = len(x) / seconds["floor"]
+    ours_per_second = images / info["train_step_seconds"]
+    return {
+        "recipe": info["recipe"],
+        "passes_per_image": passes,
+        "images": images,
+        "wall_seconds": wall,
+        "step_seconds": info["train_step_seconds"],
+        "check_seconds": info["robust_eval_seconds"],
+        "images_per_second": ours_per_second,
+        "floor_images_per_second": floor_per_second,
+        "vs_floor": ours_per_second / floor_per_second,
+        "test_accuracy": info["test_accuracy"],
+        "val_pgd_accuracy": info["val_pgd_accuracy"],
     }
 
 
