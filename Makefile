@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data browser train attack sweep demo ui server bench memory launchers table1 published test lint clean
+.PHONY: help install data browser train attack sweep demo ui server bench memory launchers table1 published robust test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ table1: data ## Szegedy et al. Table 1: train the FC models, attack with L-BFGS,
 
 published: data ## C&W 2017 Table IV and DeepFool's rho_adv on the default CNN, ours beside the papers' → outputs/published/
 	$(RUN) python -m pipeline.papers.published $(PUBLISHED)
+
+robust: data ## adversarially trained MNIST models vs Madry, Wong (fast FGSM), TRADES at eps 0.3 → outputs/robust/
+	$(RUN) python -m pipeline.papers.robust $(ROBUST)
 
 browser: ## Chromium for the MLflow UI test (Debian's package, installed as root when missing)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
