@@ -97,9 +97,11 @@ def test_the_table_has_every_attack_beside_the_published_numbers(produced):
     for label in [*labels, "model", "training", "epochs", "training time"]:
         assert label in rows, label
     cells = {label: [c.strip() for c in rows[label].strip(" |").split("|")] for label in rows}
-    assert cells["clean"][2] == "98.50%" and cells["PGD-5 × 3 restarts, step 0.01"][2] == "88.77%"
-    assert cells["AutoAttack (standard)"][1:] == ["—", "82.93%"]  # ours: not run yet
-    assert cells["epochs"][1:] == ["1 (kept 1)", "10"] and cells["training time"][2] == "—"
+    # columns: ours, then Madry et al., Wong et al., TRADES
+    assert cells["clean"][3] == "98.50%" and cells["PGD-5 × 3 restarts, step 0.01"][3] == "88.77%"
+    assert cells["AutoAttack (standard)"][1:] == ["—", "88.50%", "82.93%", "92.81%"]  # ours: not run yet
+    assert cells["epochs"][1:] == ["1 (kept 1)", "~83 (100,000 steps)", "10", "100"]
+    assert cells["training time"][3] == "—"
     record = _record(outputs)
     results = record["recipes"]["fast"]["results"]
     for label, row in zip(labels[:-1], ("clean", *ATTACKS), strict=True):
@@ -129,7 +131,7 @@ def test_files_mlflow_run_and_cached_checkpoint(produced):
     fast = record["recipes"]["fast"]
     assert record["settings"]["n"] == 100 and record["eps"] == 0.3
     assert fast["overrides"][0] == "train=adversarial" and "train.n_train=500" in fast["overrides"]
-    assert fast["model"] == "cnn" and fast["paper"] == "Wong et al. 2020 (fast FGSM)"
+    assert fast["model"] == "cnn" and fast["paper"] == "Madry et al. 2018"  # train.method=pgd
     assert fast["card"]["epochs_run"] == 1 and fast["card"]["train_seconds"] > 0
     assert (outputs / "checkpoints" / f"cnn-{fast['checkpoint_hash']}.ckpt").is_file()
 
@@ -189,15 +191,21 @@ def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_recipes_swap_config_groups():
     cfg = make_config(
-        ["recipes=[fast,pgd,trades]", 'every_recipe=["train.epochs=2"]', "seed=3"], name="robust"
+        ["recipes=[fast,fgsm_rs,pgd,trades]", 'every_recipe=["train.epochs=2"]', "seed=3"], name="robust"
     )
-    assert selected(cfg) == ["fast", "pgd", "trades"]
-    fast, madry, trades = (recipe_config(cfg, name) for name in selected(cfg))
-    assert (fast.model.name, fast.train.name, fast.train.method) == ("cnn", "adversarial", "fgsm_rs")
+    assert selected(cfg) == ["fast", "fgsm_rs", "pgd", "trades"]
+    fast, wong, madry, trades = (recipe_config(cfg, name) for name in selected(cfg))
+    assert (fast.model.name, fast.train.name, fast.train.method, fast.train.steps) == (
+        "cnn",
+        "adversarial",
+        "pgd",
+        3,
+    )
+    assert (wong.train.method, wong.train.steps) == ("fgsm_rs", 1)
     assert (madry.model.name, madry.model.net.hidden, madry.train.method) == ("madry_cnn", 1024, "pgd")
     assert madry.train.steps == 10 and madry.model.net.padding == 2
     assert (trades.train.name, trades.train.beta) == ("trades", 6.0)
-    assert {c.train.epochs for c in (fast, madry, trades)} == {2}  # every_recipe comes last
+    assert {c.train.epochs for c in (fast, wong, madry, trades)} == {2}  # every_recipe comes last
     assert {c.seed for c in (fast, madry, trades)} == {3} and fast.tracking.experiment == "robust"
     settings = settings_of(cfg, 10_000)
     assert settings["n"] == 10_000 and settings["pgd40"]["steps"] == 40  # conf/attack/pgd.yaml's
@@ -212,37 +220,29 @@ def test_recipes_swap_config_groups():
 def test_every_published_column(produced):
     _, outputs, _ = produced
     record = _record(outputs)
-    fast = {**record["recipes"]["fast"], "paper": PAPERS["fgsm_rs"]}
-    recipes = {
-        "fast": fast,
-        "pgd": {**fast, "model": "madry_cnn", "paper": PAPERS["pgd"]},
-        "trades": {**fast, "paper": PAPERS["trades"]},
-    }
+    fast = {**record["recipes"]["fast"], "paper": PAPERS["pgd"]}
+    recipes = {"fast": fast, "trades": {**fast, "paper": PAPERS["trades"]}}
     lines = table(recipes, record["settings"]).splitlines()
     assert lines[0].split("|")[2:-1] == [
         " fast (ours) ",
-        " Wong et al. 2020 (fast FGSM) ",
-        " pgd (ours) ",
-        " Madry et al. 2018 ",
         " trades (ours) ",
+        " Madry et al. 2018 ",
+        " Wong et al. 2020 (fast FGSM) ",
         " TRADES (Zhang et al. 2019) ",
     ]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
-    assert rows["clean"][1::2] == ["98.50%", "98.53%", "99.48%"]
-    assert rows["AutoAttack (standard)"] == ["—", "82.93%", "—", "88.50%", "—", "92.81%"]
-    assert rows["PGD-8 × 2 restarts, step 0.01"][3] == "89.62% (× 50 restarts)"
-    assert rows["PGD-5, step 0.01"][5] == "96.07%" and rows["epochs"][1::2] == [
-        "10",
-        "~83 (100,000 steps)",
-        "100",
-    ]
+    assert rows["clean"][2:] == ["98.53%", "98.50%", "99.48%"]
+    assert rows["AutoAttack (standard)"] == ["—", "—", "88.50%", "82.93%", "92.81%"]
+    assert rows["PGD-8 × 2 restarts, step 0.01"][2] == "89.62% (× 50 restarts)"
+    assert rows["PGD-5, step 0.01"][4] == "96.07%"
+    assert rows["epochs"][2:] == ["~83 (100,000 steps)", "10", "100"]
 
 
 def test_an_unknown_recipe_is_one_line(store, tmp_path):
     printed, errors, code = _run([f"paths.outputs={tmp_path}", "recipes=[fast,nosuch]"])
     assert code == 2
     (line,) = errors.strip().splitlines()
-    assert line.startswith("error: recipes: unknown recipe 'nosuch'; choose from fast, pgd, trades")
+    assert line.startswith("error: recipes: unknown recipe 'nosuch'; choose from fast, fgsm_rs, pgd, trades")
     _, errors, code = _run([f"paths.outputs={tmp_path}", "train.epochs=1"])
     assert code == 2 and errors.strip().splitlines() == [
         "error: 'train.epochs=1' changes nothing here: each recipe sets its own training and model; "

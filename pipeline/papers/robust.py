@@ -383,15 +383,11 @@ def _theirs(row: str, paper: Paper) -> str:
 
 def table(recipes: dict, settings: dict) -> str:
     """Rows: the models, their training, then an accuracy row per attack; columns: each recipe of
-    ours, then (the first time its method appears) the paper it is compared with."""
-    columns: list[tuple[str, Callable[[str], str]]] = []
-    shown: set[str] = set()
-    for name, recipe in recipes.items():
-        columns.append((f"{name} (ours)", functools.partial(_ours, recipe=recipe)))
-        paper = recipe["paper"]
-        if paper is not None and paper.name not in shown:
-            shown.add(paper.name)
-            columns.append((paper.name, functools.partial(_theirs, paper=paper)))
+    ours, then every published model."""
+    columns: list[tuple[str, Callable[[str], str]]] = [
+        (f"{name} (ours)", functools.partial(_ours, recipe=recipe)) for name, recipe in recipes.items()
+    ]
+    columns += [(paper.name, functools.partial(_theirs, paper=paper)) for paper in PAPERS.values()]
     rows = [(row, row) for row in ("model", "training", "epochs", "training time")]
     rows += [(row, _label(row, settings.get(row, {}))) for row in ROWS]
     lines = [
@@ -422,13 +418,11 @@ def notes(recipes: dict, settings: dict, eps: float) -> str:
         "conf/robust.yaml); epochs and training time are ours as the model card recorded them "
         "(kept: the epoch whose weights were kept, the most robust on validation images).",
     ]
-    papers = {r["paper"].name: r["paper"] for r in recipes.values() if r["paper"] is not None}
-    if papers:
-        lines.append(
-            "- Published: "
-            + "; ".join(f"{p.name}, {p.source}" for p in papers.values())
-            + " (— where a paper gives no number)."
-        )
+    lines.append(
+        "- Published: "
+        + "; ".join(f"{p.name}, {p.source}" for p in PAPERS.values())
+        + " (— where a paper gives no number)."
+    )
     for name, recipe in recipes.items():
         card = recipe["card"]
         test = card.get("test_accuracy")
