@@ -85,6 +85,19 @@ BAD_INPUTS = {
     ),
     "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
     "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
+    "train=adversarial train.method=nosuch": (
+        [],
+        None,
+        r"train\.method='nosuch' is unknown; use fgsm_rs, n_fgsm or pgd \(train=adversarial\) "
+        r"or train=trades",
+    ),
+    "train=adversarial train.eps=1.5": ([], None, r"train\.eps=1\.5 is out of range: .* e\.g\. train\.eps="),
+    "train=adversarial train.steps=0": ([], None, r"train\.steps=0 must be a positive integer"),
+    "train=trades train.beta=-1": (
+        [],
+        None,
+        r"train\.beta=-1 must be a number ≥ 0 \(TRADES' robustness weight, e\.g\. train\.beta=6\)",
+    ),
     "eps=0.1,0.2 trainer.devices=2 trainer.strategy=ddp -m": (
         [],
         None,

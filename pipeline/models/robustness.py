@@ -52,12 +52,14 @@ class Overfit:
 
 @dataclass(eq=False)  # a Lightning callback compares by identity
 class RobustnessMonitor(L.Callback):
-    """Measures `_net(module)` on the first `n` validation images at radius `eps` after each
+    """Measures the module's net on the first `n` validation images at radius `eps` after each
     training epoch (PGD: `steps` steps of 2.5·eps/steps from a random start seeded per image) and
     logs val_clean_accuracy, val_fgsm_accuracy and val_pgd_accuracy; restores the most robust
-    epoch's weights when fitting ends. FGSM accuracy exceeding PGD accuracy by more than `gap` is
-    catastrophic overfitting: `action` warn (log it), stop (end training) or restart (return to
-    the most robust weights and halve the inner attack's step)."""
+    epoch's weights when fitting ends. FGSM accuracy exceeding PGD accuracy by more than `gap`,
+    once the training radius has reached `eps` (a model still being ramped up to it is weak at
+    `eps` against PGD, not masking FGSM), is catastrophic overfitting: `action` warn (log it),
+    stop (end training) or restart (return to the most robust weights and halve the inner
+    attack's step)."""
 
     eps: float
     n: int
@@ -65,6 +67,7 @@ class RobustnessMonitor(L.Callback):
     gap: float
     action: str
     method: str = ""
+    ramp_epochs: float = 0.0  # while eps ramps up, FGSM far above PGD at full eps is expected
     history: list[dict] = field(default_factory=list)
     overfits: list[Overfit] = field(default_factory=list)
     best_epoch: int | None = None
@@ -117,7 +120,8 @@ class RobustnessMonitor(L.Callback):
         if best is None or scores["val_pgd_accuracy"] > best["val_pgd_accuracy"]:
             self.best_epoch = epoch
             self.best_state = copy.deepcopy(_net(module).state_dict())
-        if scores["val_fgsm_accuracy"] - scores["val_pgd_accuracy"] > self.gap:
+        ramped_up = epoch + 1 >= self.ramp_epochs  # the radius reached train.eps in this epoch
+        if ramped_up and scores["val_fgsm_accuracy"] - scores["val_pgd_accuracy"] > self.gap:
             self._overfitting(trainer, module, epoch, scores)
         self.check_seconds += time.perf_counter() - start
 

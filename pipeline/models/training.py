@@ -191,6 +191,7 @@ def _monitor(train: dict) -> RobustnessMonitor | None:
         gap=overfit["gap"],
         action=overfit["action"],
         method=train.get("method", ""),
+        ramp_epochs=train.get("ramp_epochs", 0.0),
     )
 
 
