@@ -63,8 +63,8 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
     assert eps["list_vs_expected"] > 0 and eps["speedup"] > 0
     assert report["training"]["test_accuracy"] > 0.5 and report["training"]["wall_seconds"] > 0
     adversarial = report["training"]["adversarial"]
-    assert adversarial["recipe"].startswith("adversarial fgsm_rs eps=0.3")
-    assert adversarial["passes_per_image"] == 2 and adversarial["images"] == 500
+    assert adversarial["recipe"].startswith("adversarial pgd eps=0.3")  # PGD-3: 4 passes per image
+    assert adversarial["passes_per_image"] == 4 and adversarial["images"] == 500
     assert adversarial["vs_floor"] == pytest.approx(
         adversarial["images_per_second"] / adversarial["floor_images_per_second"]
     )
@@ -81,7 +81,7 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
     assert "| fgsm | advex-pipeline (split over 2 cores) |" in markdown
     assert markdown.count("identical adversarials") == 5
     assert "**end to end**" in markdown and "**training**" in markdown
-    assert "**adversarial training** adversarial fgsm_rs" in markdown
+    assert "**adversarial training** adversarial pgd" in markdown
 
     run = MlflowClient(store).get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"
