@@ -29,6 +29,7 @@ from pipeline.bench.measure import (
 )
 from pipeline.config import PROJECT_ROOT, build
 from pipeline.metrics import l2
+from pipeline.models.adversarial import Recipe
 from pipeline.models.training import checkpoint_for
 from pipeline.parallel import split_or_call
 from pipeline.tracking.store import Tracker
@@ -281,7 +282,7 @@ def adversarial_training(cfg: DictConfig, tracker: Tracker) -> dict:
     recipe.train = OmegaConf.create(OmegaConf.to_container(cfg.adversarial_training, resolve=True))
     info, wall = _train_afresh(recipe, tracker)
     train = recipe.train
-    passes = (train.steps if train.method in ("pgd", "trades") else 1) + 1
+    passes = Recipe.from_config(cast(dict, OmegaConf.to_container(train))).inner_steps + 1
     images = train.n_train or (60_000 - recipe.data.module.val_size)
     images *= info["epochs_run"]
     net = build(recipe.model.net)

@@ -44,6 +44,11 @@ class Recipe:
         keys = ("method", "eps", "alpha", "steps", "noise", "ramp_epochs", "beta", "init_std")
         return cls(**{key: train[key] for key in keys if key in train})
 
+    @property
+    def inner_steps(self) -> int:
+        """Gradient steps of the inner attack per batch (`steps` for pgd and trades, else one)."""
+        return self.steps if self.method in ("pgd", "trades") else 1
+
     def eps_at(self, epochs_done: float) -> float:
         """The training radius after `epochs_done` (fractional) epochs: the linear ramp-up."""
         if self.ramp_epochs <= 0:
