@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -16,6 +17,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.attacks.ensemble import BROKEN_BY, COMPONENT_SECONDS
+from pipeline.attacks.losses import succeeded
 from pipeline.attacks.targets import choose_targets, random_offsets
 from pipeline.config import attack_fn, eps_values
 from pipeline.metrics import min_norm_summary, per_sample, summarize
@@ -90,7 +93,12 @@ class AttackStep(L.LightningModule):
     An attack that takes `info=` fills it with per-image diagnostics (e.g. lbfgs' final c); their
     medians (NaN entries, e.g. failed images, left out) become metrics `<key>_median`. An attack
     that takes `seeds=` (random starts) gets one per image, made of `seed` and the image's
-    position in the eval subset, so its draw does not depend on the batch size or the CPU split."""
+    position in the eval subset, so its draw does not depend on the batch size or the CPU split.
+
+    With a `surrogate` (a transfer attack) the adversarials are crafted on it and evaluated on
+    `classifier`, which the attack never queries; the same attack is also run white-box on
+    `classifier`, so that each image says whether the transfer fooled it where the white-box
+    attack did not (`whitebox_success`), and whether it fooled the surrogate (`source_success`)."""
 
     def __init__(
         self,
@@ -103,9 +111,11 @@ class AttackStep(L.LightningModule):
         n_examples: int = 16,
         split: CoreSplit | None = None,
         seed: int = 0,
+        surrogate: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
+        self.surrogate = surrogate.eval().requires_grad_(False) if surrogate is not None else None
         self.attack, self.eps = attack, list(eps)
         self.targeted, self.target, self.n_examples = targeted, target, n_examples
         self.split = split  # on CPU: each batch as parallel single-threaded slices
@@ -123,7 +133,7 @@ class AttackStep(L.LightningModule):
         self.n_kept = 0
         self.info_keys: set[str] = set()
 
-    def _attack(self, x, y, target, seeds) -> Adversarials:
+    def _attack(self, model: nn.Module, x, y, target, seeds) -> Adversarials:
         kwargs = {"targeted": self.targeted, "target": target}
         if self.takes_seeds:
             kwargs["seeds"] = seeds
@@ -131,17 +141,19 @@ class AttackStep(L.LightningModule):
         if self.takes_info:
             kwargs["info"] = info
         if len(self.eps) > 1:
-            adversarials = list(self.attack(self.classifier, x, y, eps=self.eps, **kwargs))
+            adversarials = list(self.attack(model, x, y, eps=self.eps, **kwargs))
         elif self.eps[0] is None:
-            adversarials = [self.attack(self.classifier, x, y, **kwargs)]
+            adversarials = [self.attack(model, x, y, **kwargs)]
         else:
-            adversarials = [self.attack(self.classifier, x, y, eps=self.eps[0], **kwargs)]
+            adversarials = [self.attack(model, x, y, eps=self.eps[0], **kwargs)]
         return Adversarials(adversarials, info)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        net = self.classifier if model is None else model
+
         def forward(xs):
             with torch.no_grad():  # worker threads do not inherit the test loop's no_grad
-                return self.classifier(xs)
+                return net(xs)
 
         return split_or_call(self.split, forward, x)
 
@@ -155,10 +167,22 @@ class AttackStep(L.LightningModule):
         start = time.perf_counter()
         self.passes.counting = True
         seeds = position.cpu() + self.seed * 1_000_000_007 if self.takes_seeds else None
-        generated: Adversarials = split_or_call(self.split, self._attack, x, y, target, seeds)
+        crafted_on = self.classifier if self.surrogate is None else self.surrogate
+        generated: Adversarials = split_or_call(
+            self.split, functools.partial(self._attack, crafted_on), x, y, target, seeds
+        )
         self.passes.counting = False
         sync(x.device)
         self.attack_seconds += time.perf_counter() - start
+        transfer = [{} for _ in generated.images]  # per eps: the transfer columns
+        if self.surrogate is not None:
+            whitebox = split_or_call(
+                self.split, functools.partial(self._attack, self.classifier), x, y, target, seeds
+            )
+            for k, (x_adv, x_wb) in enumerate(zip(generated.images, whitebox.images, strict=True)):
+                fooled = per_sample(x, x_wb, y, clean_logits, self._logits(x_wb), target)["success"]
+                source = succeeded(self._logits(x_adv, self.surrogate), y, self.targeted, target)
+                transfer[k] = {"whitebox_success": fooled, "source_success": source}
         self.n_attacked += len(x)
         info = generated.info
         self.info_keys.update(info)
@@ -168,6 +192,7 @@ class AttackStep(L.LightningModule):
             outcome = {
                 **per_sample(x, x_adv, y, clean_logits, self._logits(x_adv), target),
                 **info,
+                **transfer[k],
                 "y": y,
                 "position": position,
                 **({} if target is None else {"target": target}),
@@ -226,12 +251,33 @@ class AttackStep(L.LightningModule):
                 forward_passes_per_image=self.passes.forward / self.n_attacked,
                 backward_passes_per_image=self.passes.backward / self.n_attacked,
             )
-            for key in self.info_keys:
+            for key in self.info_keys - {BROKEN_BY, COMPONENT_SECONDS}:  # the ensemble's: a table
                 summary[f"{key}_median"] = everything[key].float().nanmedian().item()  # NaN: none
+            if "whitebox_success" in everything:
+                summary.update(transfer_summary(everything))
             metrics.append(summary)
             shown = _by_position({key: torch.cat(parts) for key, parts in kept.items()})
             examples.append({key: value[: self.n_examples] for key, value in shown.items()})
         return AttackResult(self.eps, metrics, examples, outcomes, self.split.workers if self.split else 1)
+
+
+def transfer_summary(samples: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A transfer attack's rates among the images the attacked model gets right when clean: it
+    fooled the attacked model (`transfer_success_rate`), the surrogate it was crafted on
+    (`source_success_rate`), and the white-box attack fooled the attacked model
+    (`whitebox_success_rate`); `transfer_beats_whitebox`: images fooled by the transfer only."""
+    correct = samples["clean_correct"]
+    n = int(correct.sum())
+
+    def rate(hits: torch.Tensor) -> float:
+        return int((hits & correct).sum()) / n if n else float("nan")
+
+    return {
+        "transfer_success_rate": rate(samples["success"]),
+        "source_success_rate": rate(samples["source_success"]),
+        "whitebox_success_rate": rate(samples["whitebox_success"]),
+        "transfer_beats_whitebox": float((samples["success"] & ~samples["whitebox_success"]).sum()),
+    }
 
 
 def _by_position(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,8 +289,11 @@ def _by_position(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value[order[first]] for key, value in outcomes.items()}
 
 
-def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> AttackResult:
-    """Attack every image of `eval_set` (image, label, position) as `cfg.attack` says."""
+def run_attack(
+    cfg: DictConfig, classifier: nn.Module, eval_set: Dataset, surrogate: nn.Module | None = None
+) -> AttackResult:
+    """Attack every image of `eval_set` (image, label, position) as `cfg.attack` says (crafted on
+    `surrogate` if given: a transfer attack)."""
     trainer = lightning_trainer(cfg, inference_mode=False)  # attacks need gradients
     workers = cpu_workers(cfg.cpu_workers) if trainer.strategy.root_device.type == "cpu" else 1
     split = CoreSplit(workers) if workers > 1 else None
@@ -259,6 +308,7 @@ def run_attack(cfg: DictConfig, classifier: nn.Module, eval_set: Dataset) -> Att
         n_examples=cfg.attack.n_examples,
         split=split,
         seed=cfg.seed,
+        surrogate=surrogate,
     )
     try:
         trainer.test(step, DataLoader(eval_set, batch_size=cfg.attack.batch_size), verbose=False)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from pipeline.errors import ConfigError, PipelineError
 
@@ -40,7 +40,11 @@ RUN_CONTROL = (
     "tracking.",
     "trainer.enable_progress_bar",
     "hydra.",
+    "masking.",  # the gradient-masking checks only tag and warn; the numbers stay the same
 )
+# keys whose null default means what the config meant before they existed: left out of the
+# config hash while null, so adding them kept the hashes of earlier runs
+NULL_IS_ABSENT = ("attack.source",)
 
 
 def _number(name: str, value: Any) -> float:
@@ -143,6 +147,13 @@ def validate(cfg: DictConfig) -> None:
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")
     check_training(cfg.train, cfg.data.get("module", {}).get("val_size"))
+    versions = cfg.attack.get("versions")
+    if versions is not None and cfg.attack.get("version") not in versions:
+        raise ConfigError(
+            f"attack.version={cfg.attack.get('version')!r} is unknown; pass one of "
+            + ", ".join(f"attack.version={v}" for v in versions)
+        )
+    check_source(cfg.attack.get("source"))
     if cfg.attack.targeted and cfg.attack.get("untargeted_only"):
         raise ConfigError(
             f"attack={cfg.attack.name} is untargeted only; drop attack.targeted=true "
@@ -204,6 +215,40 @@ def check_training(train: DictConfig, val_size: int | None = None) -> None:
             raise ConfigError(f"train.overfit.gap={gap} must lie in (0, 1], e.g. train.overfit.gap=0.3")
 
 
+def check_source(source: Any) -> None:
+    """attack.source (a transfer attack's surrogate) is null, a conf/model name or a .ckpt file."""
+    if source is None:
+        return
+    if str(source).endswith(".ckpt"):
+        if not Path(str(source)).is_file():
+            raise ConfigError(
+                f"attack.source={source} does not exist; pass an existing checkpoint "
+                "(outputs/checkpoints/ holds the trained ones) or a model name, e.g. attack.source=mlp"
+            )
+        return
+    options = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    if str(source) not in options:
+        raise ConfigError(
+            f"attack.source={source!r} is neither a .ckpt file nor a model config; "
+            f"pass one of {', '.join(options)} or a checkpoint path"
+        )
+
+
+def source_config(cfg: DictConfig) -> DictConfig:
+    """The job's config with conf/model/<attack.source>.yaml as its model: the surrogate of a
+    transfer attack is trained (or read from the checkpoint cache) as that model would be."""
+    surrogate = cfg.copy()
+    with open_dict(surrogate):
+        surrogate.model = _load(CONFIG_DIR / "model" / f"{cfg.attack.source}.yaml", CONFIG_DIR)
+        surrogate.checkpoint = None
+    if is_pretrained(surrogate) != is_pretrained(cfg):
+        raise ConfigError(
+            f"attack.source={cfg.attack.source} does not fit data={cfg.data.name}; "
+            "pick a source model for the same data as the attacked one"
+        )
+    return surrogate
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, letting the pipeline's own one-line errors through unwrapped."""
     try:
@@ -244,7 +289,11 @@ def config_hash(cfg: DictConfig) -> str:
         for key in cfg
         if key != "hydra"
     }  # a multirun's master config has it
-    values = {k: v for k, v in flatten(job).items() if not _is_run_control(k)}
+    values = {
+        k: v
+        for k, v in flatten(job).items()
+        if not _is_run_control(k) and not (v is None and k in NULL_IS_ABSENT)
+    }
     return short_hash(json.dumps(values, sort_keys=True, default=str))
 
 
@@ -275,6 +324,7 @@ ATTACK_RUN_KEYS = (
     "batch_size",
     "n_examples",
     "untargeted_only",
+    "source",
 )
 
 

@@ -145,3 +145,28 @@ def robustness_curve(samples: dict[str, torch.Tensor], points: int = 50) -> tupl
     fooled_within = samples["success"][None, :] & (samples["l2"][None, :] <= radii[:, None])
     accuracy = (samples["clean_correct"][None, :] & ~fooled_within).float().mean(1)
     return radii.tolist(), accuracy.tolist()
+
+
+def component_summary(
+    broken_by: torch.Tensor, component_seconds: torch.Tensor, names: list[str], attack_seconds: float
+) -> dict[str, list]:
+    """An ensemble's breakdown (AutoAttack): per component, the images it broke, the robust
+    accuracy once it has run, and the wall-clock seconds spent in it (its share of the per-image
+    time the ensemble recorded, times the attack's wall time — slices run in parallel).
+    `broken_by` holds a component index per image, or a negative value (robust, misclassified)."""
+    n = len(broken_by)
+    robust = int((broken_by != -2).sum())  # -2: misclassified before any attack
+    broken, accuracy = [], []
+    for i in range(len(names)):
+        count = int((broken_by == i).sum())
+        robust -= count
+        broken.append(count)
+        accuracy.append(robust / n if n else float("nan"))
+    spent = component_seconds.sum(0)
+    share = spent / spent.sum() if spent.sum() > 0 else spent
+    return {
+        "component": list(names),
+        "broken": broken,
+        "robust_accuracy_after": accuracy,
+        "seconds": (share * attack_seconds).tolist(),
+    }

@@ -16,13 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipeline import masking
 from pipeline.attack_step import AttackResult, run_attack
-from pipeline.config import build, check_n_eval, config_hash, flatten, is_pretrained, validate
-from pipeline.metrics import robustness_curve
+from pipeline.attacks.ensemble import BROKEN_BY, COMPONENT_SECONDS, components
+from pipeline.config import build, check_n_eval, config_hash, flatten, is_pretrained, source_config, validate
+from pipeline.metrics import component_summary, robustness_curve
 from pipeline.models import load_classifier
 from pipeline.models.training import checkpoint_for
 from pipeline.tracking import ui
-from pipeline.tracking.figures import example_grid, metric_curves, min_norm_figure
+from pipeline.tracking.figures import component_bars, example_grid, metric_curves, min_norm_figure
 from pipeline.tracking.resources import memory_mb, reset_peak
 from pipeline.tracking.store import PARENT_ENV, SWEPT_ENV, Tracker
 
@@ -48,17 +50,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
         data = build(cfg.data.module)
         data.prepare_data()
         victim = _model_under_attack(cfg, data, tracker)
+        surrogate = _surrogate(cfg, data, tracker)
+        surrogate_net = surrogate.net if surrogate is not None else None
         check_n_eval(cfg.n_eval, data.test_size)
         indices, eval_set = data.eval_subset(cfg.n_eval, cfg.seed)
         if not job.tracked:
-            run_attack(cfg, victim.net, eval_set)
+            run_attack(cfg, victim.net, eval_set, surrogate_net)
             return {}
 
         setup_done = time.perf_counter()
-        with _attack_run(cfg, tracker, data, victim, indices) as run_id:
-            result = run_attack(cfg, victim.net, eval_set)
+        with _attack_run(cfg, tracker, data, victim, indices, surrogate) as run_id:
+            result = run_attack(cfg, victim.net, eval_set, surrogate_net)
             attack_done = time.perf_counter()
             tracker.set_tags(run_id, {"cpu_workers_used": str(result.cpu_workers)})
+            suspicions = _masking_checks(cfg, result)
+            tracker.set_tags(run_id, _masking_tags(suspicions))
             _log_result(tracker, run_id, cfg, result, victim, [data.names[i] for i in indices])
             tracker.log_metrics(
                 run_id,
@@ -70,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 },
             )
         _print_summary(cfg, result, tracker, run_id)
+        for suspicion in suspicions:
+            print(f"warning: masking_suspect: {suspicion.message}")
         return result.metrics[-1]
     finally:
         gc.collect()  # models, data and figures of this job go before the next job of a sweep
@@ -133,14 +141,56 @@ def _model_under_attack(cfg: DictConfig, data, tracker: Tracker) -> Victim:
     )
 
 
+def _surrogate(cfg: DictConfig, data, tracker: Tracker) -> Victim | None:
+    """A transfer attack's surrogate (`attack.source`): a checkpoint file, or the model config's
+    cached or trained checkpoint under this job's data and training settings."""
+    source = cfg.attack.get("source")
+    if source is None:
+        return None
+    if str(source).endswith(".ckpt"):
+        return Victim(load_classifier(str(source)), [], {"source": str(source)})
+    checkpoint = checkpoint_for(source_config(cfg), data, tracker)
+    tags = {f"source.{key}": value for key, value in checkpoint.tags().items()}
+    return Victim(load_classifier(checkpoint.path), [], {"source": str(source), **tags})
+
+
+def _masking_checks(cfg: DictConfig, result: AttackResult) -> list[masking.Suspicion]:
+    """The gradient-masking checks that apply to this job's outcomes (pipeline.masking)."""
+    settings = cfg.masking
+    found = [
+        masking.unbounded_not_reached(
+            result.eps,
+            cfg.attack.get("norm", "linf"),
+            result.metrics,
+            settings.unbounded_eps,
+            settings.unbounded_accuracy,
+        )
+    ]
+    for samples in result.samples:
+        if "versions" in cfg.attack:
+            parts = components(cfg.attack.versions, cfg.attack.version)
+            found.append(masking.blackbox_beats_whitebox(samples, parts, settings.tolerance))
+        found.append(masking.transfer_beats_whitebox(samples, settings.tolerance))
+    return [s for s in found if s is not None]
+
+
+def _masking_tags(suspicions: list[masking.Suspicion]) -> dict[str, str]:
+    if not suspicions:
+        return {}
+    return {"masking_suspect": "true", **{f"masking.{s.check}": str(s.count) for s in suspicions}}
+
+
 @contextmanager
-def _attack_run(cfg: DictConfig, tracker: Tracker, data, victim: Victim, indices: list[int]) -> Iterator[str]:
+def _attack_run(
+    cfg: DictConfig, tracker: Tracker, data, victim: Victim, indices: list[int], surrogate: Victim | None
+) -> Iterator[str]:
     """The job's MLflow run (a child of the sweep's parent, if any) with its config, overrides
     and eval-subset indices logged; it ends FINISHED, or FAILED/KILLED with the error."""
     tags = {
         "stage": "attack",
         "config_hash": config_hash(cfg),
         **victim.tags,
+        **(surrogate.tags if surrogate is not None else {}),
         **{f"data_sha256.{name}": sha for name, sha in data.checksums.items()},
     }
     artifacts = {
@@ -179,7 +229,6 @@ def _log_result(
     for step, (eps, metrics, examples, samples) in enumerate(
         zip(result.eps, result.metrics, result.examples, result.samples, strict=True)
     ):
-        tracker.log_metrics(run_id, metrics, step=step)
         suffix = "" if eps is None else f"_eps{eps:g}"
         title = f"{_label(cfg.attack.name, eps)} on {cfg.model.name}"
         grid = example_grid(
@@ -192,6 +241,9 @@ def _log_result(
         tracker.log_table(
             run_id, per_image_table(names, victim.class_names, samples), f"per_image{suffix}.json"
         )
+        if BROKEN_BY in samples:  # an ensemble: which component broke each image, and its time
+            _log_components(tracker, run_id, cfg, samples, metrics, suffix, title)
+        tracker.log_metrics(run_id, metrics, step=step)
         if eps is None:  # a minimal-perturbation attack: the norms it found and what they imply
             radii, accuracy = robustness_curve(samples)
             norms = samples["l2"][samples["success"]].tolist()
@@ -207,6 +259,25 @@ def _log_result(
         tracker.log_figure(
             run_id, metric_curves("eps", curves, f"{cfg.attack.name} eps list"), "eps_curve.png"
         )
+
+
+def _log_components(  # an ensemble's breakdown: which component broke each image, and its time
+    tracker: Tracker, run_id: str, cfg: DictConfig, samples, metrics, suffix: str, title: str
+) -> None:
+    names = [str(c["name"]) for c in components(cfg.attack.versions, cfg.attack.version)]
+    summary = component_summary(
+        samples[BROKEN_BY], samples[COMPONENT_SECONDS], names, metrics["attack_seconds"]
+    )
+    per_component: dict[str, float] = {}
+    for name, broken, accuracy, seconds in zip(*summary.values(), strict=True):
+        per_component |= {
+            f"broken_by_{name}": broken,
+            f"robust_accuracy_after_{name}": accuracy,
+            f"seconds_{name}": seconds,
+        }
+    metrics.update(per_component)  # logged with the run's metrics, and returned by run()
+    tracker.log_table(run_id, summary, f"components{suffix}.json")
+    tracker.log_figure(run_id, component_bars(summary, f"{title}: components"), f"components{suffix}.png")
 
 
 def per_image_table(names: list[str], class_names: list[str], samples: dict[str, torch.Tensor]) -> dict:

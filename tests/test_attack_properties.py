@@ -48,7 +48,9 @@ cases = st.fixed_dictionaries(
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _problem(case):
+def random_problem(case):
+    """A random small model (conv or MLP, 2..5 classes), images, labels and a target per image
+    other than the label, from a hypothesis case (seed, batch, classes, conv, saturated)."""
     g = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])
     k = case["classes"]
@@ -63,6 +65,11 @@ def _problem(case):
         x = x.round()
     y = torch.randint(0, k, (n,), generator=g)
     target = (y + torch.randint(1, k, (n,), generator=g)) % k
+    return model, x, y, target
+
+
+def _problem(case):
+    model, x, y, target = random_problem(case)
     return model, x, y, case["targeted"], target if case["targeted"] else None
 
 

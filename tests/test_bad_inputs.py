@@ -84,6 +84,21 @@ BAD_INPUTS = {
         r"attack.target=12 is not a class index; pass 0\.\.9 or one of next, random, least_likely",
     ),
     "attack=deepfool attack.targeted=true": ([], None, r"attack=deepfool is untargeted only; drop "),
+    "attack=autoattack attack.version=nosuch": (
+        [],
+        None,
+        r"attack\.version='nosuch' is unknown; pass one of attack\.version=standard, attack\.version=plus",
+    ),
+    "attack.source=resnet": (
+        [],
+        None,
+        r"attack\.source='resnet' is neither a \.ckpt file nor a model config; pass one of cnn, ",
+    ),
+    "attack.source=/no/such/surrogate.ckpt": (
+        [],
+        None,
+        r"attack\.source=/no/such/surrogate\.ckpt does not exist; pass an existing checkpoint",
+    ),
     "resume=maybe": ([], None, r"resume='maybe' must be true or false"),
     "train=adversarial train.method=nosuch": (
         [],

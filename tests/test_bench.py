@@ -236,3 +236,32 @@ def test_hyper_parameters():
 def test_bad_bench_config(override, message, store, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_bench(bench_config(tmp_path, override))
+
+
+@pytest.mark.slow
+def test_autoattack_family_rows(mnist_root, store, tmp_path):
+    report = run_bench(
+        bench_config(
+            tmp_path,
+            "attacks=[apgd,square,autoattack]",
+            "sections=[attacks]",
+            "n=8",
+            "per_attack.apgd.steps=10",
+            "per_attack.square.queries=100",
+        )
+    )
+    rows = {(r["attack"], r["key"]): r for r in report["attacks"]}
+    for attack in ("apgd", "square", "autoattack"):
+        keys = {key for (a, key) in rows if a == attack}
+        assert keys == {"ours", "ours_one_call", "floor", "floor_split", "torchattacks"}, attack
+        assert rows[attack, "torchattacks"]["exact"] is False  # random starts and squares
+    assert rows["apgd", "floor"]["passes_per_image"] == 10
+    # early exit: no more gradients than a fwd+bwd per step, fewer once images are fooled
+    assert rows["apgd", "ours"]["passes_per_image"] <= 10
+    # Square is black-box: not one backward pass, against a floor of forward passes only
+    assert rows["square", "ours"]["passes_per_image"] == 0
+    assert rows["square", "floor"]["implementation"] == "floor: 100 forward passes (no gradients)"
+    # the ensemble at the original's settings against torchattacks' forced to 100 iterations
+    ours, theirs = rows["autoattack", "ours"], rows["autoattack", "torchattacks"]
+    assert ours["adv_accuracy"] <= theirs["adv_accuracy"] + 1 / 8
+    assert "forced to 100 iterations" in theirs["implementation"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -103,6 +103,60 @@ def torchattacks_mifgsm(s: Setup) -> Run:
     )
 
 
+TA_NORM = {"linf": "Linf", "l2": "L2"}
+
+
+def torchattacks_apgd(s: Setup) -> Run:
+    import torchattacks
+
+    h = s.hyper
+    attack = torchattacks.APGD(
+        s.model,
+        norm=TA_NORM[h["norm"]],
+        eps=s.eps,
+        steps=h["steps"],  # explicit: torchattacks' default is 10, the original's 100
+        n_restarts=h["restarts"],
+        loss=h["loss"],
+        rho=h["rho"],
+        eot_iter=h["eot_iter"],
+        seed=0,
+    )
+    return over_batches(attack, s.batch_size)
+
+
+def torchattacks_square(s: Setup) -> Run:
+    import torchattacks
+
+    h = s.hyper
+    attack = torchattacks.Square(
+        s.model,
+        norm=TA_NORM[h["norm"]],
+        eps=s.eps,
+        n_queries=h["queries"],
+        n_restarts=h["restarts"],
+        p_init=h["p_init"],
+        loss="margin",
+        resc_schedule=False,  # the original's schedule (torchattacks' default rescales it)
+        seed=0,
+    )
+    return over_batches(attack, s.batch_size)
+
+
+def torchattacks_autoattack(s: Setup) -> Run:
+    """torchattacks' AutoAttack (standard) with its APGD, APGD-T and FAB forced to the original's
+    100 iterations (its constructor leaves them at 10: torchattacks issue #196) and seed 0."""
+    import torchattacks
+
+    attack = torchattacks.AutoAttack(
+        s.model, norm=TA_NORM[s.hyper["norm"]], eps=s.eps, version="standard", n_classes=s.num_classes, seed=0
+    )
+    for component in attack._autoattack.attacks:
+        if hasattr(component, "steps"):
+            component.steps = AUTOATTACK_STEPS
+    return over_batches(attack, s.batch_size)
+
+
+AUTOATTACK_STEPS = 100  # the original AutoAttack's iterations for APGD, APGD-T and FAB-T
 TORCHATTACKS_CW_C = 1.0  # torchattacks' CW has no search over c: one Adam run at this c
 
 
@@ -352,9 +406,10 @@ class Peer:
 
 @dataclass
 class Attack:
-    floor_passes: int | Literal["steps"] | None  # forward+backward passes per image it cannot
-    # avoid; "steps": its `steps`; None: as many as
-    # ours was counted to make
+    floor_passes: int | str | None  # forward+backward passes per image it cannot avoid; a
+    # hyper-parameter's name ("steps", "queries"): its value; None: as many as ours was counted
+    # to make
+    forward_only: bool = False  # the floor's passes are forward passes (a black-box attack)
     peers: Mapping[str, Callable[[Setup], Run] | Peer] = field(default_factory=dict)
     exact: bool = True  # a correct peer gives the same adversarials
     shared: tuple[str, ...] = ()  # the hyper-parameters every peer is given too (eps: the
@@ -364,7 +419,7 @@ class Attack:
     # candidates' logits (one batched backward), not one gradient
 
     def floor(self, hyper: Mapping) -> int | None:
-        return hyper["steps"] if self.floor_passes == "steps" else self.floor_passes
+        return hyper[self.floor_passes] if isinstance(self.floor_passes, str) else self.floor_passes
 
     def jacobian_rows(self, hyper: Mapping, num_classes: int) -> int | None:
         """Logit gradients per pass of a Jacobian floor: DeepFool's candidates but the first."""
@@ -465,6 +520,32 @@ ATTACKS = {
             "art": Peer(
                 art_deepfool, exact=False, note="overshoot once at the end; no labels (predicted class)"
             ),
+        },
+    ),
+}
+
+ATTACKS |= {
+    # random starts and per-image seeds: no peer is exact; early exit on images already fooled
+    # lets ours beat a floor of one fwd+bwd per step
+    "apgd": Attack(
+        floor_passes="steps", exact=False, shared=("eps",), peers={"torchattacks": torchattacks_apgd}
+    ),
+    "square": Attack(
+        floor_passes="queries",
+        forward_only=True,
+        exact=False,
+        shared=("eps",),
+        peers={"torchattacks": torchattacks_square},
+    ),
+    "autoattack": Attack(
+        floor_passes=None,
+        exact=False,
+        shared=("eps",),
+        peers={
+            "torchattacks": Peer(
+                torchattacks_autoattack,
+                note=f"APGD, APGD-T and FAB-T forced to {AUTOATTACK_STEPS} iterations",
+            )
         },
     ),
 }

@@ -91,3 +91,16 @@ def forward(model: nn.Module) -> Batch:
             return model(x)
 
     return run
+
+
+def forwards(model: nn.Module, passes: int) -> Batch:
+    """The floor of a black-box attack for one batch: `passes` forward passes without gradients
+    (Square's queries)."""
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for _ in range(passes):
+                logits = model(x)
+        return logits
+
+    return run

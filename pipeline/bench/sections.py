@@ -24,6 +24,7 @@ from pipeline.bench.measure import (
     forward,
     forward_backward,
     forward_jacobian,
+    forwards,
     median_seconds,
     over_batches,
 )
@@ -87,6 +88,9 @@ def attack_rows(
     if jacobian_rows:  # a counted pass of ours is a forward and a batched backward of that many rows
         floor = forward_jacobian(setup.model, jacobian_rows)
         floor_name = f"floor: fwd + {jacobian_rows}-logit Jacobian, as many as counted in ours"
+    elif attack.forward_only:  # a black-box attack: its floor is forward passes only
+        floor = forwards(setup.model, floor_passes or 1)
+        floor_name = f"floor: {floor_passes} forward passes (no gradients)"
     else:
         floor = forward_backward(setup.model, floor_passes or 1)
         floor_name = f"floor: {floor_passes} fwd+bwd" if floor_passes else "floor: fwd+bwd as counted in ours"

@@ -54,8 +54,8 @@ from pipeline.papers.published import predict
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
 from pipeline.tracking.store import Tracker, provenance_tags
 
-ATTACKS = ("fgsm", "pgd40", "pgd50", "pgd100")  # sections of conf/robust.yaml, in table order
-ROWS = ("clean", *ATTACKS, "autoattack")
+ATTACKS = ("fgsm", "pgd40", "pgd50", "pgd100", "autoattack")  # conf/robust.yaml's sections, in order
+ROWS = ("clean", *ATTACKS)
 # this command's settings that every recipe takes as they are (a recipe may not override them)
 SHARED = ("seed", "paths", "trainer", "cpu_workers", "tracking")
 # what a recipe sets, not the command line: overriding them for `make robust` itself would change nothing
@@ -207,7 +207,7 @@ def settings_of(cfg: DictConfig, test_size: int) -> dict:
     settings: dict[str, Any] = {"n": n}
     for name in ATTACKS:
         section = cfg[name]
-        hyper = attack_kwargs(section, where=name)
+        hyper = attack_kwargs(section, where=name, other_keys=("n",))
         eps = section.eps
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps <= 1:
             raise ConfigError(f"{name}.eps={eps!r} must be an L∞ radius in [0, 1], e.g. eps=0.3")
@@ -215,7 +215,11 @@ def settings_of(cfg: DictConfig, test_size: int) -> dict:
         for key, value in (("restarts", restarts), ("batch_size", section.batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}.{key}={value!r} must be a positive integer")
+        n_attack = section.get("n", n)
+        if isinstance(n_attack, bool) or not isinstance(n_attack, int) or not 1 <= n_attack:
+            raise ConfigError(f"{name}.n={n_attack!r} must be a positive integer (images attacked)")
         settings[name] = {
+            "n": min(n_attack, n),
             "function": section.function,
             "eps": float(eps),
             "restarts": restarts,
@@ -232,7 +236,7 @@ def bind(model: nn.Module, s: dict) -> Attack:
     """One restart of the attack `s` describes: (x, y, seeds) → adversarials (`seeds`, one per
     image, seed the random start of an attack that takes them)."""
     function = attack_function(s)
-    hyper = {k: v for k, v in s.items() if k not in ("function", "eps", "restarts", "batch_size")}
+    hyper = {k: v for k, v in s.items() if k not in ("n", "function", "eps", "restarts", "batch_size")}
     parameters = inspect.signature(function).parameters
     if "restarts" in parameters:
         hyper["restarts"] = 1
@@ -280,7 +284,7 @@ def _label(name: str, s: dict) -> str:
     if name == "clean":
         return "clean"
     if name == "autoattack":
-        return "AutoAttack (standard)"
+        return f"AutoAttack ({s['version']}, first {s['n']:,} images)"
     if s["function"] == "pipeline.attacks.fgsm":
         return "FGSM"
     if s["function"] != "pipeline.attacks.pgd":
@@ -322,13 +326,14 @@ def evaluate(
                     f"{robust.float().mean().item():.2%} ({time.perf_counter() - start:.0f} s)"
                 )
 
+        m = s["n"]  # an expensive attack may run on the first images only
         _, per_restart = surviving(
             model,
-            x,
-            y,
+            x[:m],
+            y[:m],
             bind(model, s),
             s["restarts"],
-            seeds=seeds,
+            seeds=seeds[:m],
             stride=stride,
             split=split,
             batch=s["batch_size"],
@@ -406,7 +411,10 @@ def notes(recipes: dict, settings: dict, eps: float) -> str:
         f"- Ours: accuracy on the first {n:,} MNIST test images at L∞ eps {eps:g}. An image counts "
         "as robust when the model classifies it correctly clean and after every restart of the "
         "attack; each restart runs only on the images no earlier one has fooled. Random starts "
-        "are seeded per image (test-set index + restart·10,000). AutoAttack is not run here (—).",
+        "are seeded per image (test-set index + restart·10,000).",
+        f"- AutoAttack: our `autoattack` ({settings['autoattack']['version']}: APGD-CE, APGD-T, FAB-T, "
+        f"Square at the original's settings) on the first {settings['autoattack']['n']:,} images, "
+        "each component only on the images every earlier one failed on.",
         f"- PGD-100: {restarts} restart(s) (Madry et al.'s leaderboard: 50; their paper: PGD-40 93.2%, "
         "PGD-100 × 20 restarts 89.3%)"
         + (

@@ -106,3 +106,28 @@ def min_norm_figure(
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def component_bars(summary: Mapping[str, Sequence], title: str) -> Figure:
+    """An ensemble's components side by side: the images each broke (left) and the seconds spent
+    in each (right), labelled with the robust accuracy once it had run."""
+    names = list(summary["component"])
+    fig, (ax_b, ax_s) = plt.subplots(1, 2, figsize=(9, 3.6))
+    bars = ax_b.bar(names, list(summary["broken"]), color="tab:red")
+    for bar, accuracy in zip(bars, summary["robust_accuracy_after"], strict=True):
+        ax_b.annotate(
+            f"robust {accuracy:.2%}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax_b.set_ylabel("images broken (first to break them)")
+    ax_s.bar(names, list(summary["seconds"]), color="tab:blue")
+    ax_s.set_ylabel("seconds")
+    for ax in (ax_b, ax_s):
+        ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
