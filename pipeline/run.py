@@ -308,4 +308,14 @@ def _print_summary(cfg: DictConfig, result: AttackResult, tracker: Tracker, run_
             f"adv acc {m['adv_accuracy']:.2%}, success {m['success_rate']:.2%}, "
             f"L2 {m['l2_mean']:.3f}, {m['images_per_second']:,.0f} img/s"
         )
+        after = "robust_accuracy_after_"
+        parts = [key[len(after) :] for key in m if key.startswith(after)]
+        if parts:  # an ensemble: what each component added
+            print(
+                "  components: "
+                + ", ".join(
+                    f"{p} broke {m[f'broken_by_{p}']:.0f} → {m[after + p]:.2%} ({m[f'seconds_{p}']:.0f} s)"
+                    for p in parts
+                )
+            )
     print(f"MLflow run {run_id} in {tracker.uri}: {tracker.run_url(run_id)}")

@@ -2,19 +2,25 @@
 component broke each image, components run only on images still robust, the tracked breakdown, a
 surrogate's adversarials evaluated on the attacked model, and masked gradients caught."""
 
+import inspect
 import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline import masking
 from pipeline.attacks import ensemble as aa
 from pipeline.attacks import fgsm, pgd
+from pipeline.config import attack_config, config_hash
 from pipeline.metrics import component_summary
 from pipeline.run import run
 from tests.conftest import all_runs, attack_params, make_config, small_overrides
+from tests.test_attack_properties import cases, random_problem
 
 QUICK = {"quick": [{"name": "fgsm", "attack": "fgsm"}, {"name": "pgd", "attack": "pgd", "steps": 10}]}
 
@@ -150,7 +156,7 @@ def test_transfer_check_counts_images_only_the_transfer_fooled():
     assert masking.transfer_beats_whitebox(samples, tolerance=0.0) is None
 
 
-def test_autoattack_run_logs_the_components_breakdown(mnist_root, store, tmp_path):
+def test_autoattack_run_logs_the_components_breakdown(mnist_root, store, tmp_path, capsys):
     versions = "[{name:fgsm,attack:fgsm},{name:pgd,attack:pgd,steps:3}]"
     metrics = run(
         make_config(
@@ -165,6 +171,8 @@ def test_autoattack_run_logs_the_components_breakdown(mnist_root, store, tmp_pat
     broken = metrics["broken_by_fgsm"] + metrics["broken_by_pgd"]
     assert broken == round(n * (metrics["clean_accuracy"] - metrics["adv_accuracy"]))
     assert "broken_by_median" not in metrics
+    printed = capsys.readouterr().out
+    assert f"  components: fgsm broke {metrics['broken_by_fgsm']:.0f} → " in printed
     (attack_run,) = [r for r in all_runs(store, "mnist") if r.data.tags.get("stage") == "attack"]
     client = MlflowClient(store)
     run_id = attack_run.info.run_id
@@ -202,3 +210,66 @@ def test_a_transfer_from_another_model_config_is_weaker_and_tagged(mnist_root, s
         tags["source"] == "mlp" and "source.checkpoint_hash" in tags and "mlp-" in tags["source.checkpoint"]
     )
     assert tags.get("masking_suspect") is None
+
+
+def test_a_suspect_run_is_tagged_and_warned_and_keeps_its_config_hash(mnist_root, store, tmp_path, capsys):
+    # at eps 0.1 an FGSM leaves most images standing: with the unbounded budget set that low, suspect
+    cfg = make_config(small_overrides(tmp_path, "masking.unbounded_eps=0.1"))
+    metrics = run(cfg)
+    (attack_run,) = [r for r in all_runs(store, "mnist") if r.data.tags.get("stage") == "attack"]
+    tags = attack_run.data.tags
+    assert tags["masking_suspect"] == "true"
+    assert tags["masking.unbounded"] == str(round(100 * metrics["adv_accuracy"]))
+    assert (
+        f"warning: masking_suspect: adversarial accuracy is still {metrics['adv_accuracy']:.1%} at eps=0.1"
+        in (capsys.readouterr().out)
+    )
+    assert tags["config_hash"] == config_hash(make_config(small_overrides(tmp_path)))
+
+
+def test_every_version_names_attack_configs_and_keys_their_functions_take():
+    versions = OmegaConf.to_container(attack_config("autoattack").versions)
+    assert [p["name"] for p in aa.components(versions, "standard")] == [
+        "apgd_ce",
+        "apgd_t",
+        "fab_t",
+        "square",
+    ]
+    for version in versions:
+        for part in aa.components(versions, version):
+            call = aa.component_call(part, "l2")
+            assert set(call.keywords) <= set(inspect.signature(call.func).parameters), (version, part)
+            assert call.keywords["norm"] == "l2"
+    standard = {p["name"]: aa.component_call(p, "linf").keywords for p in aa.components(versions, "standard")}
+    # the original's settings, read from each component's own config
+    assert standard["apgd_ce"]["steps"] == standard["apgd_t"]["steps"] == standard["fab_t"]["steps"] == 100
+    assert standard["apgd_t"]["n_targets"] == standard["fab_t"]["n_targets"] == 9
+    assert standard["square"]["queries"] == 5000 and standard["square"]["p_init"] == 0.8
+
+
+CHEAP = {
+    "cheap": [
+        {"name": "apgd_ce", "attack": "apgd", "steps": 3},
+        {"name": "apgd_t", "attack": "apgd_t", "steps": 2, "n_targets": 2},
+        {"name": "fab_t", "attack": "fab", "steps": 2, "n_targets": 2},
+        {"name": "square", "attack": "square", "queries": 20},
+    ]
+}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases, scale=st.floats(0.0, 1.0))
+def test_autoattack_stays_in_the_box_and_the_ball(norm, case, scale):
+    model, x, y, _ = random_problem(case)
+    eps = scale if norm == "linf" else 6 * scale
+    info: dict = {}
+    x_adv = aa.autoattack(
+        model, x, y, eps, norm=norm, version="cheap", versions=CHEAP, seeds=torch.arange(len(x)), info=info
+    )
+    assert torch.isfinite(x_adv).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps * (1 + 1e-6) + 1e-6).all()
+    broken = info[aa.BROKEN_BY] >= 0
+    assert torch.equal(model(x_adv).argmax(1) != y, broken | (info[aa.BROKEN_BY] == aa.MISCLASSIFIED))

@@ -56,8 +56,8 @@ BAD_INPUTS = {
     "attack=nope": (
         [],
         None,
-        r"unknown attack 'nope'; valid options: bim, cw_l2, .*, szegedy_sgd "
-        r"\(e\.g\. attack=bim\)",
+        r"unknown attack 'nope'; valid options: apgd, apgd_t, autoattack, bim, .*, szegedy_sgd "
+        r"\(e\.g\. attack=apgd\)",
     ),
     "model=resnet9000": ([], None, r"unknown model 'resnet9000'; valid options: cnn, efficientnet_lite0, "),
     "data=cifar10": ([], None, r"unknown data 'cifar10'; valid options: imagenet, mnist"),

@@ -107,8 +107,8 @@ def test_bad_input_in_a_real_process(store, tmp_path):
     result = cli(["attack=nope", f"paths.outputs={tmp_path}"], store)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown attack 'nope'; valid options: bim, cw_l2, deepfool, fgsm, lbfgs, mifgsm, pgd, "
-        "pgd_l2, szegedy_sgd (e.g. attack=bim)"
+        "error: unknown attack 'nope'; valid options: apgd, apgd_t, autoattack, bim, cw_l2, deepfool, "
+        "fab, fgsm, lbfgs, mifgsm, pgd, pgd_l2, square, szegedy_sgd (e.g. attack=apgd)"
     ]
     assert all_runs(store) == []
 

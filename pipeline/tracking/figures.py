@@ -123,6 +123,7 @@ def component_bars(summary: Mapping[str, Sequence], title: str) -> Figure:
             fontsize=7,
         )
     ax_b.set_ylabel("images broken (first to break them)")
+    ax_b.margins(y=0.15)  # room for the labels
     ax_s.bar(names, list(summary["seconds"]), color="tab:blue")
     ax_s.set_ylabel("seconds")
     for ax in (ax_b, ax_s):
