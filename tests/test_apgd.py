@@ -13,8 +13,6 @@ from pipeline.attacks.apgd import apgd, apgd_t, checkpoints
 from tests.conftest import attack_params
 from tests.test_attack_properties import random_problem
 
-torch.set_num_threads(1)
-
 N = 128  # images of tiny_cnn's 256 used against the peers
 # Robust accuracy, ours vs torchattacks, may differ by this many of the N images: the algorithms are
 # the same, but broken images leave our batch and a few float32 ties may go the other way. Measured
