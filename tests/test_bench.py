@@ -223,8 +223,8 @@ def test_hyper_parameters():
     [
         (
             "attacks=[nope]",
-            r"no benchmark for attack\(s\) \['nope'\]; choose from \['bim', 'cw_l2', 'deepfool', 'fgsm', "
-            r"'lbfgs', 'mifgsm', 'pgd', 'pgd_l2', 'szegedy_sgd'\]",
+            r"no benchmark for attack\(s\) \['nope'\]; choose from \['apgd', 'autoattack', 'bim', 'cw_l2', "
+            r"'deepfool', 'fgsm', 'lbfgs', 'mifgsm', 'pgd', 'pgd_l2', 'square', 'szegedy_sgd'\]",
         ),
         ("sections=[attacks,speed]", r"unknown section\(s\) \['speed'\]"),
         ("n=0", r"n=0 must be a positive integer"),
