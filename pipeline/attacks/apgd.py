@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks.losses import succeeded
-from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, per_image, project
+from pipeline.attacks.projection import check_norm, l2_normalise, per_eps, per_image, project, seeded_noise
 
 LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # the weight of the new step; 1 − MOMENTUM goes to the previous displacement
@@ -77,15 +77,7 @@ def _start(x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | None, r
     """The official random start: Linf x + eps·t/max|t| with t uniform in [−1,1]^d; L2
     x + eps·t/||t|| with t standard normal; then into [0,1]. With `seeds` each image's draw comes
     from its own generator, seeded from (seed, run); without, from the global generator."""
-    draw = torch.rand if norm == "linf" else torch.randn
-    if seeds is None:
-        t = draw(x.shape, device=x.device, dtype=x.dtype)
-    else:
-        rows = [
-            draw(x[0].numel(), generator=torch.Generator().manual_seed(hash((int(s), run)) % 2**63))
-            for s in seeds.tolist()
-        ]
-        t = torch.stack(rows).to(x.device, x.dtype).view_as(x) if rows else torch.empty_like(x)
+    t = seeded_noise(norm, len(x), x[0].numel(), seeds, (run,), x.device, x.dtype).view_as(x)
     if norm == "linf":
         t = 2 * t - 1
         scale = t.flatten(1).abs().amax(1).clamp_min(1e-12)

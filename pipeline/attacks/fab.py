@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.attacks.projection import check_norm, per_eps, per_image
+from pipeline.attacks.projection import check_norm, per_eps, per_image, seeded_noise
 
 START_RADIUS = 0.5  # restarts start at this fraction of min(smallest norm found, eps) from x
 _SALT = 0xFAB  # keeps FAB's random starts apart from the other attacks' draws from the same seeds
@@ -102,16 +102,7 @@ def _start(
     """x plus a random step of norm `radius` (n,), clipped to [0,1] (the original's restarts):
     Linf a uniform draw in [−1,1]^D scaled to the sphere, L2 a normal draw scaled to it. With
     `seeds` an image's draw depends only on its seed and `draw`."""
-    sample = torch.rand if norm == "linf" else torch.randn
-    size = x[0].numel()
-    if seeds is None:
-        noise = sample((len(x), size), device=x.device)
-    else:
-        generators = [
-            torch.Generator().manual_seed(hash((int(s), draw, _SALT)) % 2**63) for s in seeds.tolist()
-        ]
-        noise = torch.stack([sample(size, generator=g) for g in generators]).to(x.device)
-    noise = noise.to(x.dtype)
+    noise = seeded_noise(norm, len(x), x[0].numel(), seeds, (draw, _SALT), x.device).to(x.dtype)
     if norm == "linf":
         noise = 2 * noise - 1
     direction = noise / per_image(_norms(noise, norm).clamp_min(1e-12), noise)

@@ -40,6 +40,29 @@ def l2_normalise(grad: torch.Tensor) -> torch.Tensor:
     return grad / per_image(grad.flatten(1).norm(p=2, dim=1) + 1e-10, grad)
 
 
+def seeded_noise(
+    norm: str,
+    n: int,
+    size: int,
+    seeds: torch.Tensor | None,
+    key: tuple,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(n, size) noise for random starts: uniform in [0,1) for "linf", standard normal for "l2".
+    With `seeds` (one int per image) row i comes from its own generator seeded by
+    (seeds[i], *key), so it depends only on that image's seed and `key`, never on its batch;
+    without them all rows come from the global generator (drawn in `dtype`)."""
+    draw = torch.rand if norm == "linf" else torch.randn
+    if seeds is None:
+        return draw((n, size), device=device, dtype=dtype)
+    rows = [
+        draw(size, generator=torch.Generator().manual_seed(hash((int(s), *key)) % 2**63))
+        for s in seeds.tolist()
+    ]
+    return torch.stack(rows).to(device, dtype) if rows else torch.empty(0, size, device=device, dtype=dtype)
+
+
 def random_point(
     x: torch.Tensor, eps: float, norm: str, seeds: torch.Tensor | None, restart: int
 ) -> torch.Tensor:
@@ -47,16 +70,8 @@ def random_point(
     direction at a radius drawn uniformly from [0, eps]. With `seeds` (one int per image) each
     image's draw depends only on its seed and the restart, never on the batch it is in; without
     them the global torch generator is used."""
-    shape = (len(x), x[0].numel() + 1)  # per image: the pixels' noise, then a radius
-    if seeds is None:
-        noise = torch.rand(shape, device=x.device) if norm == "linf" else torch.randn(shape, device=x.device)
-    else:
-        draw = torch.rand if norm == "linf" else torch.randn
-        rows = [
-            draw(shape[1], generator=torch.Generator().manual_seed(hash((int(s), restart)) % 2**63))
-            for s in seeds.tolist()
-        ]
-        noise = torch.stack(rows).to(x.device)
+    # per image: the pixels' noise, then a radius
+    noise = seeded_noise(norm, len(x), x[0].numel() + 1, seeds, (restart,), x.device)
     noise = noise.to(x.dtype)
     if norm == "linf":
         delta = (2 * noise[:, :-1] - 1) * eps
