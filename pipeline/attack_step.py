@@ -21,6 +21,7 @@ from pipeline.attacks.ensemble import BROKEN_BY, COMPONENT_SECONDS
 from pipeline.attacks.losses import succeeded
 from pipeline.attacks.targets import choose_targets, random_offsets
 from pipeline.config import attack_fn, eps_values
+from pipeline.errors import raise_if_stopped
 from pipeline.metrics import min_norm_summary, per_sample, summarize
 from pipeline.models.trainer import lightning_trainer
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
@@ -158,6 +159,7 @@ class AttackStep(L.LightningModule):
         return split_or_call(self.split, forward, x)
 
     def test_step(self, batch, batch_idx):
+        raise_if_stopped()
         x, y, position = batch  # (B, C, H, W) in [0, 1], (B,), (B,)
         clean_logits = self._logits(x)
         target = (

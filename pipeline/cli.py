@@ -21,7 +21,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.errors import PipelineError, Stopped, StopSweep, report, user_message
+from pipeline.errors import (
+    PipelineError,
+    Stopped,
+    StopSweep,
+    forget_stops,
+    note_stop,
+    raise_if_stopped,
+    report,
+    user_message,
+)
 
 T = TypeVar("T")
 
@@ -100,6 +109,7 @@ class SweepCallback(Callback):
         from pipeline.tracking.sweep import record_job
 
         record_job(config, outcome)
+        raise_if_stopped()  # the next job does not start after a stop signal
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep is not None:
@@ -113,12 +123,15 @@ def _stop_on_signals() -> Iterator[None]:
 
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
-        raise Stopped(signum)
+        raise note_stop(signum)
 
+    forget_stops()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+        raise_if_stopped()  # a stop whose exception was lost still ends the process as a stop
     finally:
+        forget_stops()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -50,6 +50,27 @@ class Stopped(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+_received: list[int] = []  # stop signals received in this process, in order
+
+
+def note_stop(signum: int) -> Stopped:
+    """Remember a stop signal and return the exception that ends the work: raised by a signal
+    handler it can still be lost (Python ignores exceptions raised in `__del__` methods and weakref
+    callbacks, where a handler may happen to run), so `raise_if_stopped` raises it again."""
+    _received.append(signum)
+    return Stopped(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise Stopped if a stop signal arrived (called between batches and jobs)."""
+    if _received:
+        raise Stopped(_received[0])
+
+
+def forget_stops() -> None:
+    _received.clear()
+
+
 class StopSweep(BaseException):
     """A job failed in a sweep run with `fail_fast=true`: the remaining jobs are not started."""
 

@@ -35,16 +35,27 @@ class CoreSplit:
     def __init__(self, workers: int, slice_size: int = 64) -> None:
         self.workers, self.slice_size = workers, slice_size
         main_threads = torch.get_num_threads()
-        started = threading.Barrier(workers)
+        started = threading.Barrier(workers, timeout=60)
 
         def single_threaded() -> None:
             torch.get_num_threads()  # settle this thread's lazy default first,
             torch.set_num_threads(1)  # then give it one intra-op thread
-            started.wait()  # so that every worker starts now
+            try:
+                started.wait()  # so that every worker starts now
+            except threading.BrokenBarrierError:
+                pass  # the start was abandoned (a stop signal): the pool is being shut down
 
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="core-split", initializer=single_threaded)
-        list(self.pool.map(lambda _: None, range(workers)))
-        torch.set_num_threads(main_threads)  # the process-wide default stays as it was
+        try:
+            list(self.pool.map(lambda _: None, range(workers)))
+        except BaseException:
+            # A stop signal between two thread starts would leave the first worker waiting for
+            # the others, and the interpreter waiting for it at exit
+            started.abort()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            torch.set_num_threads(main_threads)  # the process-wide default stays as it was
 
     def __call__(self, fn: Callable, x: torch.Tensor, *more: torch.Tensor | None):
         per_worker = -(-len(x) // (self.slice_size * self.workers))  # ceil: slices per worker

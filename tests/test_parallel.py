@@ -1,11 +1,14 @@
 """Splitting batches over single-threaded CPU workers changes speed, not results."""
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from pipeline.attacks import fgsm
+from pipeline.errors import Stopped
 from pipeline.parallel import CoreSplit, cpu_workers
 
 
@@ -37,6 +40,27 @@ def test_slices_run_in_parallel_single_threaded_workers_and_main_is_untouched():
         assert sorted(n for _, _, n in seen) == [33] * 4 + [34] * 2
     assert all(name.startswith("core-split") and threads == 1 for name, threads, _ in seen)
     assert torch.get_num_threads() == threads_before
+
+
+def test_a_stop_between_two_thread_starts_leaves_no_worker_waiting(monkeypatch):
+    """SIGTERM can land after the pool started its first worker and before the second: the first
+    must not wait for the second forever (the interpreter would wait for it at exit)."""
+    start_thread = ThreadPoolExecutor._adjust_thread_count
+    starts = []
+
+    def stopped_on_the_second_start(pool):
+        starts.append(1)
+        if len(starts) == 2:
+            raise Stopped(15)
+        start_thread(pool)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "_adjust_thread_count", stopped_on_the_second_start)
+    with pytest.raises(Stopped):
+        CoreSplit(3)
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("core-split") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a core-split worker is still alive"
+        time.sleep(0.05)
 
 
 def test_fewer_images_than_workers():

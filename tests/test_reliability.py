@@ -95,6 +95,47 @@ def self_stopping_fgsm(model, x, y, eps, **kwargs):
     raise AssertionError("the signal was not delivered")
 
 
+class _SignalsWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):  # the handler runs in here, and Python ignores what it raises
+            pass
+
+
+def fgsm_stopped_in_a_finaliser(model, x, y, eps, **kwargs):
+    _SignalsWhenCollected()  # collected at once
+    from pipeline.attacks import fgsm
+
+    return fgsm(model, x, y, eps, **kwargs)
+
+
+def test_a_stop_raised_where_python_ignores_exceptions_still_stops_the_sweep(
+    mnist_root, store, tmp_path, monkeypatch
+):
+    """A signal handler can run inside a finaliser or a weakref callback, where its exception is
+    printed and dropped: the stop still ends the sweep at the next batch or job, as KILLED."""
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pipeline",
+            *small_overrides(tmp_path, "n_eval=64", "cpu_workers=1"),
+            "attack.function=tests.test_reliability.fgsm_stopped_in_a_finaliser",
+            "eps=0.05,0.1",
+            "-m",
+        ],
+    )
+    from pipeline.cli import entrypoint
+
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint(main)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    attacks = [r for r in all_runs(store) if r.data.tags.get("stage") == "attack"]
+    assert len(attacks) == 1  # the second point never started
+    (parent,) = [r for r in all_runs(store) if r.data.tags.get("stage") == "sweep"]
+    assert parent.info.status == "KILLED"
+
+
 KILL_SWEEP = ["attack=bim", "attack.steps=20", "n_eval=600", "eps=0.02,0.04,0.06,0.08"]
 
 

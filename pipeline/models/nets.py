@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import Normalize
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, raise_if_stopped
 from pipeline.models.adversarial import Recipe
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -87,6 +87,7 @@ class Classifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
+        raise_if_stopped()
         x, y = batch
         if self.recipe is None:
             logits = self.net(x)
