@@ -10,7 +10,7 @@ VENV_STAMP := .venv/.installed
 SWEEP ?= attack=fgsm eps=0.05,0.1,0.2
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/outputs/mlflow.db)
 
-.PHONY: help install data browser train attack sweep demo ui server bench memory launchers table1 published robust test lint clean
+.PHONY: help install data browser train attack sweep demo ui server users bench memory launchers table1 published robust test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,8 +46,11 @@ demo: sweep ## install, fetch MNIST, train, sweep, and say where the results are
 ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store; prints each experiment's link
 	$(RUN) python -m pipeline.tracking.ui --store $(TRACKING_URI) --host 127.0.0.1 --port 5000
 
-server: install ## a shared MLflow server: sqlite store + served artifacts in outputs/server/, http://127.0.0.1:5000
+server: install ## a team MLflow server with logins: store, artifacts, admin login in outputs/server/, http://127.0.0.1:5000
 	$(RUN) python -m pipeline.tracking.server $(SERVER)
+
+users: install ## the server's logins: USERS="add NAME", "grant NAME EXPERIMENT EDIT", "password NAME"
+	$(RUN) python -m pipeline.tracking.users $(USERS)
 
 bench: data ## attacks vs peers and the fwd+bwd floor, eps lists, training, sweep overhead → outputs/bench/
 	$(RUN) python -m pipeline.bench $(BENCH)

@@ -146,6 +146,9 @@ def validate(cfg: DictConfig) -> None:
     workers = cfg.cpu_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"cpu_workers={workers!r} must be 'auto' or a positive integer")
+    wait_s = cfg.tracking.get("wait_s", 0)
+    if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or wait_s < 0:
+        raise ConfigError(f"tracking.wait_s={wait_s!r} must be a number of seconds ≥ 0 (0: do not wait)")
     check_training(cfg.train, cfg.data.get("module", {}).get("val_size"))
     versions = cfg.attack.get("versions")
     if versions is not None and cfg.attack.get("version") not in versions:

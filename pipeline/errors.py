@@ -36,7 +36,12 @@ class CheckpointError(PipelineError):
 
 
 class TrackingError(PipelineError):
-    """The MLflow tracking store cannot be reached or written."""
+    """The MLflow tracking store cannot be reached or written; `gone`: a server that answered
+    before stopped answering."""
+
+    def __init__(self, message: str, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
 
 
 class Stopped(BaseException):

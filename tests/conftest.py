@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,47 +83,87 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server (`python -m pipeline.tracking.server`, what `make server` runs) on a free
-    loopback port, shared by the tests that need one (each uses its own experiment): its URI and
-    the folder where it keeps artifacts."""
-    home = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = (home / "server.log").open("w")
+@dataclass
+class Served:
+    """A running `python -m pipeline.tracking.server`: its URI, folder, artifact root, admin login."""
+
+    uri: str
+    home: Path
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def artifacts(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_USERNAME/PASSWORD of the admin, as the server wrote them."""
+        from pipeline.tracking.server import ADMIN_FILE, read_env_file
+
+        return read_env_file(self.home / ADMIN_FILE)
+
+
+def start_server(home: Path, port: int | None = None, *options: str, host: str = "127.0.0.1") -> Served:
+    """`python -m pipeline.tracking.server` (what `make server` runs) with its folder `home`, on a
+    free port (or `port`), once it answers."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "server.log").open("a")
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "pipeline.tracking.server",
-            "--store",
-            f"sqlite:///{home}/server.db",
-            "--artifacts",
-            str(home / "served"),
+            "--dir",
+            str(home),
+            "--host",
+            host,
             "--port",
             str(port),
             "--workers",
             "1",
+            *options,
         ],
         cwd=PROJECT_ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
+    log.close()
+    served = Served(f"http://{host}:{port}", home, process, port)
     deadline = time.monotonic() + 180
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            break
+            urllib.request.urlopen(f"{served.uri}/health", timeout=2).close()
+            return served
         except OSError:
             assert process.poll() is None, (home / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the server did not answer within 180 s"
             time.sleep(0.5)
-    yield uri, home / "served"
-    os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
-    process.wait(timeout=60)
-    log.close()
+
+
+def stop_server(served: Served) -> None:
+    os.killpg(served.process.pid, signal.SIGTERM)  # the server and its workers
+    served.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server with logins (what `make server` runs) on a free loopback port, shared
+    by the tests that need one (each uses its own experiment)."""
+    served = start_server(tmp_path_factory.mktemp("server"))
+    yield served
+    stop_server(served)
+
+
+@pytest.fixture
+def as_admin(mlflow_server, monkeypatch) -> Served:
+    """The shared server, with this test's clients logged in as its admin."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    for key, value in mlflow_server.admin.items():
+        monkeypatch.setenv(key, value)
+    return mlflow_server
 
 
 @pytest.fixture(scope="session")

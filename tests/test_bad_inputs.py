@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.__main__ import main
 from pipeline.data.mnist import raw_dir
@@ -14,20 +15,20 @@ from tests.conftest import DATA_ROOT, PROJECT_ROOT, SMALL, all_runs, free_port
 from tests.test_cli import invoke
 
 
-def _broken_checkpoint(tmp_path, monkeypatch):
+def _broken_checkpoint(tmp_path, monkeypatch, request):
     path = tmp_path / "broken.ckpt"
     path.write_bytes(b"not a checkpoint")
     return [f"checkpoint={path}"]
 
 
-def _truncated_mnist(tmp_path, monkeypatch):
+def _truncated_mnist(tmp_path, monkeypatch, request):
     shutil.copytree(raw_dir(DATA_ROOT), raw_dir(tmp_path / "data"))
     image_file = raw_dir(tmp_path / "data") / "t10k-images-idx3-ubyte"
     image_file.write_bytes(image_file.read_bytes()[:5000])
     return [f"paths.data={tmp_path / 'data'}"]
 
 
-def _no_data_no_npm_no_network(tmp_path, monkeypatch):
+def _no_data_no_npm_no_network(tmp_path, monkeypatch, request):
     def offline(root):
         raise OSError("network is unreachable")
 
@@ -36,17 +37,55 @@ def _no_data_no_npm_no_network(tmp_path, monkeypatch):
     return [f"paths.data={tmp_path / 'nothing'}"]
 
 
-def _unreachable_server(tmp_path, monkeypatch):
+def _unreachable_server(tmp_path, monkeypatch, request):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     return []
 
 
-def _unwritable_outputs(tmp_path, monkeypatch):
+def _login(monkeypatch, request, user: str | None, password: str | None) -> None:
+    served = request.getfixturevalue("mlflow_server")  # a server with logins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served.uri)
+    for key, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+
+
+def _no_password(tmp_path, monkeypatch, request):
+    _login(monkeypatch, request, None, None)
+    return []
+
+
+def _wrong_password(tmp_path, monkeypatch, request):
+    _login(monkeypatch, request, "admin", "wrong")
+    return []
+
+
+def _reader(tmp_path, monkeypatch, request):
+    """A user with READ on experiment `readonly`, which the admin created."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    served = request.getfixturevalue("mlflow_server")
+    admin = served.admin
+    _login(monkeypatch, request, admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    client = MlflowClient(served.uri)
+    if client.get_experiment_by_name("readonly") is None:
+        client.create_experiment("readonly")
+    try:
+        AuthServiceClient(served.uri).create_user("table-reader", "table-reader-password")
+    except Exception as error:
+        assert "already exists" in str(error)
+    _login(monkeypatch, request, "table-reader", "table-reader-password")
+    return []
+
+
+def _unwritable_outputs(tmp_path, monkeypatch, request):
     (tmp_path / "a-file").write_text("")
     return [f"paths.outputs={tmp_path / 'a-file' / 'outputs'}"]
 
 
-def _empty_image_folder(tmp_path, monkeypatch):
+def _empty_image_folder(tmp_path, monkeypatch, request):
     (tmp_path / "photos").mkdir()
     return ["data=imagenet", "model=efficientnet_lite0", f"data.images={tmp_path / 'photos'}"]
 
@@ -147,6 +186,24 @@ BAD_INPUTS = {
         r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable \(.*\); "
         r"start it .*fix MLFLOW_TRACKING_URI",
     ),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (a `make server` with logins; no login set)": (
+        [],
+        _no_password,
+        r"MLflow tracking server http://127\.0\.0\.1:\d+ requires a login; set MLFLOW_TRACKING_USERNAME "
+        r"and MLFLOW_TRACKING_PASSWORD \(an admin adds users: python -m pipeline.tracking.users add NAME\)",
+    ),
+    "MLFLOW_TRACKING_PASSWORD=wrong (user admin)": (
+        [],
+        _wrong_password,
+        r"MLflow tracking server http://127\.0\.0\.1:\d+ refused the login of user 'admin' \(wrong username "
+        r"or password\); fix .* \(python -m pipeline.tracking.users password admin\)",
+    ),
+    "tracking.experiment=readonly (a user who may only read it)": (
+        [],
+        _reader,
+        r"user 'table-reader' may not write to experiment 'readonly' on http://127\.0\.0\.1:\d+; ask its "
+        r"owner or an admin to run `python -m pipeline.tracking.users grant table-reader readonly EDIT`",
+    ),
     "paths.outputs=DIR (not writable)": (
         [],
         _unwritable_outputs,
@@ -172,10 +229,10 @@ def _arguments(row: str) -> list[str]:
 
 
 @pytest.mark.parametrize("row", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_no_run(row, mnist_root, store, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_no_run(row, mnist_root, store, tmp_path, capsys, monkeypatch, request):
     monkeypatch.setattr(sys, "argv", sys.argv)
     args, setup, message = BAD_INPUTS[row]
-    args = [*_arguments(row), *args, *(setup(tmp_path, monkeypatch) if setup else [])]
+    args = [*_arguments(row), *args, *(setup(tmp_path, monkeypatch, request) if setup else [])]
     outputs = [] if any(a.startswith("paths.outputs=") for a in args) else [f"paths.outputs={tmp_path}"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no Hydra "callback raised" warning either

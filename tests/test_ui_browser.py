@@ -5,12 +5,13 @@ shows read from its DOM. Screenshots go to outputs/ui/.
 The saved view is MLflow's internal UI state, so this test is what notices when an MLflow upgrade
 stops rendering it: it fails, it never skips."""
 
+import os
 import re
 import shutil
 import sys
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, HttpCredentials, Page, expect, sync_playwright
 
 from pipeline.__main__ import main
 from pipeline.tracking import ui
@@ -38,8 +39,15 @@ def browser():
 
 
 def visit(browser: Browser, url: str, ready: str) -> Page:
-    """`url` in a new browser context (nothing remembered from other pages), once `ready` shows."""
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    """`url` in a new browser context (nothing remembered from other pages), logged in as the user
+    the environment names, once `ready` shows."""
+    login: HttpCredentials | None = None
+    if "MLFLOW_TRACKING_USERNAME" in os.environ:
+        login = {
+            "username": os.environ["MLFLOW_TRACKING_USERNAME"],
+            "password": os.environ["MLFLOW_TRACKING_PASSWORD"],
+        }
+    context = browser.new_context(viewport={"width": 1600, "height": 1000}, http_credentials=login)
     context.add_init_script(NO_ASSISTANT)
     page = context.new_page()
     page.goto(url)
@@ -63,10 +71,9 @@ def shot(page: Page, name: str) -> None:
 
 @pytest.mark.slow
 def test_the_printed_links_open_the_sweep_comparison(
-    mlflow_server, browser, mnist_root, tmp_path, monkeypatch, capsys
+    as_admin, browser, mnist_root, tmp_path, monkeypatch, capsys
 ):
-    uri, _ = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = as_admin.uri  # a server with logins, as `make server` runs it
     monkeypatch.setattr(sys, "argv", sys.argv)
     invoke_ok(
         main,

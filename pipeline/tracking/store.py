@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -20,12 +21,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import matplotlib.pyplot as plt
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig
@@ -49,20 +51,34 @@ def _one_line(error: BaseException | str) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _probe(uri: str) -> None:
-    """Fail fast, with a fix, when the store cannot be reached or written."""
+def _unreachable_reason(uri: str) -> str | None:
+    """Why the tracking server at `uri` does not answer, or None when it does."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return None  # something answers; let the client judge it
+    except (OSError, ValueError) as error:
+        return str(getattr(error, "reason", error))
+    return None
+
+
+def _probe(uri: str, wait_s: float = 0) -> None:
+    """Fail fast, with a fix, when the store cannot be reached or written. A server that does not
+    answer is waited for up to `wait_s` seconds (it may be restarting)."""
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except urllib.error.HTTPError:
-            pass  # something answers; let the client judge it
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
+        reason = _unreachable_reason(uri)
+        deadline = time.monotonic() + wait_s
+        if reason is not None and wait_s > 0:
+            print(f"waiting up to {wait_s:.0f} s for the MLflow tracking server {uri} ({reason})", flush=True)
+        while reason is not None and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            reason = _unreachable_reason(uri)
+        if reason is not None:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                "(`mlflow server`), fix MLFLOW_TRACKING_URI, or unset it to use outputs/mlflow.db"
-            ) from error
+                "(`make server`), fix MLFLOW_TRACKING_URI, or unset it to use outputs/mlflow.db"
+            )
     elif scheme == "sqlite":
         directory = Path(uri.removeprefix("sqlite:///")).parent
         try:
@@ -77,6 +93,87 @@ def _probe(uri: str) -> None:
                 f"{directory} is not writable, so the MLflow store {uri} cannot "
                 "be written; pass a writable paths.outputs or set MLFLOW_TRACKING_URI"
             )
+
+
+def server_went_away(error: BaseException) -> bool:
+    """Whether `error` (or its cause) is a request that never reached the tracking server."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TrackingError) and error.gone:
+            return True
+        text = str(error)
+        if isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text):
+            return True
+        if isinstance(error, ConnectionError):
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
+
+
+def explain(error: BaseException, uri: str, experiment: str | None = None) -> TrackingError | None:
+    """The one-line TrackingError for a refused login, a missing write permission or a server
+    that went away; None for anything else."""
+    if isinstance(error, TrackingError):
+        return error
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    code = getattr(error, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        if not user or not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+            return TrackingError(
+                f"MLflow tracking server {uri} requires a login; set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (an admin adds users: python -m pipeline.tracking.users add NAME)"
+            )
+        return TrackingError(
+            f"MLflow tracking server {uri} refused the login of user '{user}' (wrong username or "
+            "password); fix MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or ask an admin for a "
+            f"new password (python -m pipeline.tracking.users password {user})"
+        )
+    if code == "PERMISSION_DENIED":
+        name = experiment or "EXPERIMENT"
+        return TrackingError(
+            f"user '{user}' may not write to experiment '{name}' on {uri}; ask its owner or an admin "
+            f"to run `python -m pipeline.tracking.users grant {user} {name} EDIT`, or pass "
+            "tracking.experiment=NAME to log to an experiment of your own"
+        )
+    if urlparse(uri).scheme in ("http", "https") and server_went_away(error):
+        found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+        return TrackingError(
+            f"MLflow tracking server {uri} stopped answering ({found[0] if found else 'no answer'}); "
+            "restart it and type the same command again: a sweep resumes with its finished points kept",
+            gone=True,
+        )
+    return None
+
+
+class _Denied(Exception):
+    error_code = "PERMISSION_DENIED"
+
+
+class _ExplainedClient:
+    """An MlflowClient whose refused logins, missing permissions and lost connections raise a
+    TrackingError with the fix."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self._client = MlflowClient(tracking_uri=tracker.uri)
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except MlflowException as error:
+                explained = explain(error, self._tracker.uri, self._tracker.experiment)
+                if explained is None:
+                    raise
+                raise explained from error
+
+        return call
 
 
 @functools.cache
@@ -107,37 +204,82 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+_unclosed: list[tuple[str, str]] = []  # (run id, error) of runs that ended while the server was away
+
+
 class Tracker:
     """A tracking store: experiments by name, runs with guaranteed end states, logging helpers."""
 
     def __init__(self, uri: str, artifact_root: str | None = None, ui_url: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment: str | None = None  # the experiment last named, for permission errors
+        self.client = cast(MlflowClient, _ExplainedClient(self))
         local = urlparse(uri).scheme in ("sqlite", "")
         self.artifact_root = Path(artifact_root).resolve().as_uri() if artifact_root and local else None
         self.ui = ui.base_url(uri, ui_url)  # where the MLflow UI shows this store
 
     @classmethod
-    def connect(cls, cfg: DictConfig) -> Tracker:
-        """The store in `cfg` (tracking group), checked to be reachable."""
-        _probe(cfg.uri)
+    def connect(cls, cfg: DictConfig, wait: bool = False) -> Tracker:
+        """The store in `cfg` (tracking group), checked to be reachable and to accept the login;
+        with `wait`, a server that does not answer is waited for `cfg.wait_s` seconds."""
+        _probe(cfg.uri, cfg.get("wait_s", 0) if wait else 0)
         tracker = cls(cfg.uri, cfg.get("artifact_root"), cfg.get("ui_url"))
         try:
             tracker.client.search_experiments(max_results=1)
+        except TrackingError:
+            raise
         except Exception as error:
             raise TrackingError(
                 f"MLflow store {cfg.uri} cannot be used ({_one_line(error)}); "
                 "fix MLFLOW_TRACKING_URI or unset it"
             ) from error
+        tracker.close_unclosed()
         return tracker
 
+    def check_writable(self, *experiments: str) -> None:
+        """Fail before any work when the login may not write to one of `experiments` (on a server
+        with logins; an experiment not there yet is created by, and belongs to, this user)."""
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if urlparse(self.uri).scheme not in ("http", "https") or not user:
+            return
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        for name in experiments:
+            self.experiment = name
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                continue
+            answer = http_request(
+                get_default_host_creds(self.uri),
+                "/api/3.0/mlflow/users/permissions/get",
+                "GET",
+                params={"username": user, "resource_type": "experiment", "resource_id": found.experiment_id},
+            )
+            if answer.status_code != 200:
+                continue  # a server without logins answers 404: anyone may write
+            if answer.json().get("permission") not in ("EDIT", "MANAGE"):
+                denied = explain(_Denied(), self.uri, name)
+                assert denied is not None
+                raise denied
+
+    def close_unclosed(self) -> None:
+        """End FAILED, with their error, this process's runs that ended while the server was away."""
+        while _unclosed:
+            run_id, error = _unclosed[0]
+            self.end_run(run_id, "FAILED", error)
+            _unclosed.pop(0)
+
     def experiment_id(self, name: str) -> str:
+        self.experiment = name
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         location = f"{self.artifact_root}/{name}" if self.artifact_root else None
         try:
             return self.client.create_experiment(name, artifact_location=location)
+        except TrackingError:
+            raise
         except Exception:  # created meanwhile by a parallel job
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
@@ -193,7 +335,16 @@ class Tracker:
             self.end_run(run_id, "KILLED", error)
             raise
         except BaseException as error:
+            explained = explain(error, self.uri, experiment) if isinstance(error, Exception) else None
+            if explained is not None and explained.gone:
+                # the run cannot be closed while the server is away: the next connection does it
+                _unclosed.append((run_id, str(explained)))
+                if explained is error:
+                    raise
+                raise explained from error
             self.end_run(run_id, "FAILED", error)
+            if explained is not None and explained is not error:
+                raise explained from error
             raise
         self.end_run(run_id)
 

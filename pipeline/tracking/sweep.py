@@ -322,7 +322,8 @@ def record_job(config: DictConfig, outcome: str) -> None:
     process, too), so it goes through the store, not through the parent's Sweep object."""
     parent = os.environ.get(PARENT_ENV)
     if parent is not None:
-        Tracker(config.tracking.uri).set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
+        tracker = Tracker.connect(config.tracking, wait=True)  # the server may be restarting
+        tracker.set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
 
 
 def finish_open_sweeps(status: str, error: BaseException | None = None, job_failed: bool = False) -> None:
