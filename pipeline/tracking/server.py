@@ -223,10 +223,13 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
         auth, login = auth_environment(home, args.default_permission, args.login_cache_s)
         environment.update(auth)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    message = (
-        f"MLflow server on http://{args.host}:{args.port} (store {store}, artifacts {artifacts}); "
-        f"{login}; point the pipeline at it with MLFLOW_TRACKING_URI=http://{shown}:{args.port}"
-        + ("" if args.insecure else " and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD")
+    message = "\n".join(
+        [
+            f"MLflow server on http://{args.host}:{args.port} (store {store}, artifacts {artifacts})",
+            login,
+            f"clients: MLFLOW_TRACKING_URI=http://{shown}:{args.port}"
+            + ("" if args.insecure else " with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+        ]
     )
     return argv, environment, message
 
