@@ -379,6 +379,8 @@ def namespace():
     inside it the names `advex-team` and `unlisted-name` both resolve to HOST_SIDE."""
     if shutil.which("ip") is None:
         pytest.fail("iproute2 is missing: apt-get install -y iproute2")
+    for leftover in (["link", "del", "advex-host"], ["netns", "del", NAMESPACE]):  # of a killed run
+        subprocess.run(["ip", *leftover], capture_output=True)
     try:
         _ip("netns", "add", NAMESPACE)
     except subprocess.CalledProcessError as error:
