@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     the end and `peak_rss_mb` during the job."""
     start = time.perf_counter()
     validate(cfg)
-    tracker = Tracker.connect(cfg.tracking, wait=PARENT_ENV in os.environ)  # in a sweep: wait
+    tracker = Tracker.connect(cfg.tracking)
     tracker.check_writable(cfg.tracking.experiment)  # before any training or attacking
     job = _run_control(cfg, tracker)
     if job.done is not None:

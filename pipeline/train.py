@@ -3,8 +3,6 @@ attack job does the same on its own; this trains without attacking)."""
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig
 
@@ -21,10 +19,10 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.name} comes pretrained; there is nothing to train")
     # the heavy stack (torch, Lightning, MLflow) is imported once the config is known to be good
     from pipeline.models.training import checkpoint_for
-    from pipeline.tracking.store import PARENT_ENV, Tracker
+    from pipeline.tracking.store import Tracker
 
     data = build(cfg.data.module)
-    tracker = Tracker.connect(cfg.tracking, wait=PARENT_ENV in os.environ)  # in a sweep: wait
+    tracker = Tracker.connect(cfg.tracking)
     tracker.check_writable(f"{cfg.tracking.experiment}-train")
     data.prepare_data()
     checkpoint = checkpoint_for(cfg, data, tracker)

@@ -219,10 +219,11 @@ class Tracker:
         self.ui = ui.base_url(uri, ui_url)  # where the MLflow UI shows this store
 
     @classmethod
-    def connect(cls, cfg: DictConfig, wait: bool = False) -> Tracker:
+    def connect(cls, cfg: DictConfig) -> Tracker:
         """The store in `cfg` (tracking group), checked to be reachable and to accept the login;
-        with `wait`, a server that does not answer is waited for `cfg.wait_s` seconds."""
-        _probe(cfg.uri, cfg.get("wait_s", 0) if wait else 0)
+        inside a sweep (its parent run open) a server that does not answer, which answered when
+        the sweep began, is waited for `cfg.wait_s` seconds."""
+        _probe(cfg.uri, cfg.get("wait_s", 0) if PARENT_ENV in os.environ else 0)
         tracker = cls(cfg.uri, cfg.get("artifact_root"), cfg.get("ui_url"))
         try:
             tracker.client.search_experiments(max_results=1)

@@ -322,7 +322,7 @@ def record_job(config: DictConfig, outcome: str) -> None:
     process, too), so it goes through the store, not through the parent's Sweep object."""
     parent = os.environ.get(PARENT_ENV)
     if parent is not None:
-        tracker = Tracker.connect(config.tracking, wait=True)  # the server may be restarting
+        tracker = Tracker.connect(config.tracking)  # waits for a restarting server
         tracker.set_tags(parent, {f"{JOB_TAG}{config.hydra.job.num}": outcome})
 
 
