@@ -23,6 +23,7 @@ from pipeline.attacks.targets import choose_targets, random_offsets
 from pipeline.config import attack_fn, eps_values
 from pipeline.errors import raise_if_stopped
 from pipeline.metrics import min_norm_summary, per_sample, summarize
+from pipeline.models.fast import for_cpu_attacks
 from pipeline.models.trainer import lightning_trainer
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
 
@@ -299,6 +300,10 @@ def run_attack(
     trainer = lightning_trainer(cfg, inference_mode=False)  # attacks need gradients
     workers = cpu_workers(cfg.cpu_workers) if trainer.strategy.root_device.type == "cpu" else 1
     split = CoreSplit(workers) if workers > 1 else None
+    if cfg.fast_cpu_model and trainer.strategy.root_device.type == "cpu":
+        classifier = for_cpu_attacks(classifier.eval().requires_grad_(False))
+        if surrogate is not None:
+            surrogate = for_cpu_attacks(surrogate.eval().requires_grad_(False))
     step = AttackStep(
         classifier,
         attack_fn(cfg.attack),

@@ -31,11 +31,13 @@ TRAINING_METHODS = ("fgsm_rs", "n_fgsm", "pgd", "trades")  # pipeline.models.adv
 OVERFIT_ACTIONS = ("warn", "stop", "restart")  # pipeline.models.robustness
 
 # Keys that say how or where a job runs, not what it computes: left out of a job's config hash
-# (resume matching) and of a sweep's identity. cpu_workers changes no number (tested).
+# (resume matching) and of a sweep's identity. cpu_workers changes no number (tested);
+# fast_cpu_model changes numbers only by float rounding, as another thread count would.
 RUN_CONTROL = (
     "resume",
     "fail_fast",
     "cpu_workers",
+    "fast_cpu_model",
     "paths.",
     "tracking.",
     "trainer.enable_progress_bar",
@@ -140,7 +142,7 @@ def validate(cfg: DictConfig) -> None:
     _positive_int("attack.batch_size", cfg.attack.batch_size)
     _attack_numbers(cfg)
     attack_kwargs(cfg.attack)  # the function exists and takes every hyper-parameter given
-    for switch in ("resume", "fail_fast"):
+    for switch in ("resume", "fail_fast", "fast_cpu_model"):
         if not isinstance(cfg.get(switch, False), bool):
             raise ConfigError(f"{switch}={cfg[switch]!r} must be true or false")
     workers = cfg.cpu_workers

@@ -37,7 +37,8 @@ def bench_config(outputs, *extra):
 def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch):
     quick = {k: v for k, v in startup.COMMANDS.items() if k != "job_imports_seconds"}  # ~30 s each
     monkeypatch.setattr(startup, "COMMANDS", quick)
-    report = run_bench(bench_config(tmp_path, "eps=0.2", "attacks=[fgsm]"))
+    # fast_cpu_model=false: ours attacks the model the peers attack, so exact peers match bit for bit
+    report = run_bench(bench_config(tmp_path, "eps=0.2", "attacks=[fgsm]", "fast_cpu_model=false"))
     assert set(report["startup"]) == set(quick) and all(s > 0 for s in report["startup"].values())
 
     rows = {r["key"]: r for r in report["attacks"]}
@@ -58,6 +59,9 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
         assert rows[key]["identical_fraction"] == 1.0 and rows[key]["max_abs_difference"] == 0
         assert rows[key]["agrees"] and rows[key]["adv_accuracy"] == rows["ours"]["adv_accuracy"]
 
+    passes = report["model_passes"]  # fast_cpu_model=false: the given model both times
+    assert passes["rewritten"] is False and passes["images"] == 48
+    assert passes["forward_speedup"] > 0 and passes["ours_forward_backward_images_per_second"] > 0
     eps = report["eps_list"]
     assert eps["eps_list"] == [0.05, 0.1, 0.2] and eps["images"] == 48
     assert eps["list_vs_expected"] > 0 and eps["speedup"] > 0
@@ -80,7 +84,9 @@ def test_every_section_on_a_tiny_model(mnist_root, store, tmp_path, monkeypatch)
     markdown = json_path.with_suffix(".md").read_text()
     assert "| fgsm | advex-pipeline (split over 2 cores) |" in markdown
     assert markdown.count("identical adversarials") == 5
+    assert "Ours and its floor attack the model as the attack step does" not in markdown
     assert "**end to end**" in markdown and "**training**" in markdown
+    assert "**model passes** on 48 images" in markdown and "the same model (not rewritten)" in markdown
     assert "**adversarial training** adversarial pgd" in markdown
 
     run = MlflowClient(store).get_run(report["mlflow_run_id"])
@@ -126,6 +132,7 @@ def test_iterative_and_minimal_norm_rows(mnist_root, store, tmp_path):
             f"attacks=[{','.join(NEW_ATTACKS)}]",
             "sections=[attacks]",
             "n=12",
+            "fast_cpu_model=false",  # the peers' model: exact peers match bit for bit
             *steps,
             "per_attack.cw_l2.n=8",
             "per_attack.cw_l2.binary_steps=2",
@@ -244,7 +251,7 @@ def test_autoattack_family_rows(mnist_root, store, tmp_path):
         bench_config(
             tmp_path,
             "attacks=[apgd,square,autoattack]",
-            "sections=[attacks]",
+            "sections=[attacks,model_passes]",
             "n=8",
             "per_attack.apgd.steps=10",
             "per_attack.square.queries=100",
@@ -265,3 +272,7 @@ def test_autoattack_family_rows(mnist_root, store, tmp_path):
     ours, theirs = rows["autoattack", "ours"], rows["autoattack", "torchattacks"]
     assert ours["adv_accuracy"] <= theirs["adv_accuracy"] + 1 / 8
     assert "forced to 100 iterations" in theirs["implementation"]
+    # ours and its floor attacked the model as the attack step does on a CPU, the peers the given one
+    assert report["config"]["fast_cpu_model"] is True and report["model_passes"]["rewritten"] is True
+    markdown = next((tmp_path / "bench").glob("*.md")).read_text()
+    assert "Ours and its floor attack the model as the attack step does on a CPU" in markdown

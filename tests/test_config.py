@@ -93,6 +93,7 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["attack=lbfgs", "attack.c_init=nan"], r"attack.c_init=nan must be a non-negative number"),
         (["cpu_workers=0"], r"cpu_workers=0 must be 'auto' or a positive integer"),
         (["cpu_workers=some"], r"cpu_workers='some' must be 'auto' or a positive integer"),
+        (["fast_cpu_model=often"], r"fast_cpu_model='often' must be true or false"),
         (["attack.targeted=true", "attack.target=10"], r"attack.target=10 is not a class index"),
         (["attack.targeted=true", "attack.target=sideways"], r"attack.target='sideways' is unknown"),
     ],

@@ -98,6 +98,19 @@ def test_splitting_batches_over_cpu_workers_changes_no_number(mnist_root, store,
     assert workers_used == ["1", "2"]
 
 
+def test_the_fast_cpu_model_finds_what_the_model_as_given_finds(mnist_root, store, tmp_path):
+    """fast_cpu_model (pipeline.models.fast) computes the same function up to float rounding:
+    the same images fooled, norms to rounding."""
+    fast, given = (
+        run(make_config(small_overrides(tmp_path, f"fast_cpu_model={on}", "attack=pgd", "attack.steps=5")))
+        for on in ("true", "false")
+    )
+    assert fast["success_rate"] > 0
+    assert _numbers(fast) == pytest.approx(_numbers(given), rel=1e-5, abs=1e-6)
+    for key in ("success_rate", "clean_accuracy", "adv_accuracy"):
+        assert fast[key] == given[key], key
+
+
 def test_eps_list_evaluates_every_eps_from_one_gradient(mnist_root, store, tmp_path):
     separate = {
         eps: _numbers(run(make_config(small_overrides(tmp_path, f"eps={eps}")))) for eps in (0.05, 0.2)

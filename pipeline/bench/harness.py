@@ -12,16 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.bench import report as rep
 from pipeline.bench.implementations import ATTACKS, RUN_KEYS, Setup, configure, hyper_parameters
-from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, training
+from pipeline.bench.sections import attack_rows, end_to_end, eps_list_row, model_passes, training
 from pipeline.bench.startup import startup_seconds
 from pipeline.config import build, is_pretrained
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
+from pipeline.models.fast import for_cpu_attacks
 from pipeline.models.training import checkpoint_for
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.tracking.store import Tracker, provenance_tags
 
-SECTIONS = ("attacks", "eps_list", "training", "end_to_end", "startup")
+SECTIONS = ("attacks", "model_passes", "eps_list", "training", "end_to_end", "startup")
 
 
 def _validate(cfg: DictConfig, test_set_size: int) -> torch.device:
@@ -81,6 +82,8 @@ def run_bench(cfg: DictConfig) -> dict:
         setup = Setup(
             model, float(cfg.eps), cfg.batch_size, device, tuple(x.shape[1:]), cfg.data.num_classes, split
         )
+        if cfg.fast_cpu_model and device.type == "cpu":  # ours attacks the model as the attack step does
+            setup.fast_model = for_cpu_attacks(model)
         report = _sections(cfg, setup, x, y, tracker, str(path))
     paths = rep.save(report, Path(cfg.paths.outputs) / "bench")
     report["mlflow_run_id"] = rep.log(tracker, cfg.tracking.experiment, report, paths)
@@ -101,7 +104,7 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
         # a DictConfig's container is a dict
         "config": {
             k: cast(dict, OmegaConf.to_container(cfg, resolve=True))[k]
-            for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections")
+            for k in ("attacks", "n", "batch_size", "device", "repeats", "eps", "sections", "fast_cpu_model")
         },
     }
     sections = set(cfg.sections)
@@ -111,6 +114,8 @@ def _sections(cfg: DictConfig, setup: Setup, x, y, tracker: Tracker, checkpoint:
             own = _per_attack(cfg, name)
             n, repeats = own.get("n", cfg.n), min(own.get("repeats", cfg.repeats), cfg.repeats)
             report["attacks"] += attack_rows(name, configure(setup, name, own), x[:n], y[:n], repeats)
+    if "model_passes" in sections:
+        report["model_passes"] = model_passes(setup, x, y, cfg.repeats)
     if "eps_list" in sections:
         report["eps_list"] = eps_list_row(setup, list(cfg.eps_list), x, y, cfg.repeats)
     if "training" in sections:

@@ -34,7 +34,7 @@ Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Setup:
-    model: nn.Module  # eval mode, parameters frozen, on `device`
+    model: nn.Module  # eval mode, parameters frozen, on `device`: what the peers attack
     eps: float  # the attack's eps (the config's `eps` unless the attack has its own)
     batch_size: int
     device: torch.device
@@ -47,6 +47,13 @@ class Setup:
     # in params), eps left out
     attack: Callable | None = None  # our attack function
     targeted: bool = False  # targeted attacks aim at next_class
+    fast_model: nn.Module | None = None  # `model` as the attack step attacks it on a CPU
+    # (fast_cpu_model: pipeline.models.fast.for_cpu_attacks); None: `model` itself
+
+    @property
+    def our_model(self) -> nn.Module:
+        """The model ours and its floor attack."""
+        return self.model if self.fast_model is None else self.fast_model
 
 
 # ---- ours -----------------------------------------------------------------------------------
@@ -59,7 +66,7 @@ def ours(s: Setup) -> Run:
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         target = next_class(y, s.num_classes) if s.targeted else None
         assert s.attack is not None  # the bench sets our attack function before running ours
-        return s.attack(s.model, x, y, **eps, **s.hyper, targeted=s.targeted, target=target)
+        return s.attack(s.our_model, x, y, **eps, **s.hyper, targeted=s.targeted, target=target)
 
     return run
 

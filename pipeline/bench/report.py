@@ -77,6 +77,14 @@ def markdown(report: dict) -> str:
         f"FGSM eps {c['eps']}.",
         "",
     ]
+    if c.get("fast_cpu_model") and m["device"] == "cpu":
+        lines += [
+            "Ours and its floor attack the model as the attack step does on a CPU (fast_cpu_model: "
+            "channels_last, a GEMM input gradient, ReLU after max-pooling; the same function up to "
+            "float rounding), the peers the model as given; fast_cpu_model=false gives both the same "
+            "model (exact peers then give identical adversarials).",
+            "",
+        ]
     if report.get("attacks"):
         lines += [
             "| attack | implementation | images × repeats | img/s | vs floor | vs fastest peer "
@@ -107,6 +115,17 @@ def markdown(report: dict) -> str:
         params = _hyper_parameters(report["attacks"])
         if params:
             lines += ["Hyper-parameters, the same for ours and every peer: " + "; ".join(params) + ".", ""]
+    if p := report.get("model_passes"):
+        model = "rewritten for a CPU (fast_cpu_model)" if p["rewritten"] else "the same model (not rewritten)"
+        lines += [
+            f"**model passes** on {p['images']} images, one call per batch, the model as given → as "
+            f"ours attacks it, {model}: forward {p['given_forward_images_per_second']:,.0f} → "
+            f"{p['ours_forward_images_per_second']:,.0f} img/s ({p['forward_speedup']:.2f}×), "
+            f"forward+backward {p['given_forward_backward_images_per_second']:,.0f} → "
+            f"{p['ours_forward_backward_images_per_second']:,.0f} img/s "
+            f"({p['forward_backward_speedup']:.2f}×)",
+            "",
+        ]
     if e := report.get("eps_list"):
         lines += [
             f"**eps list** {e['eps_list']} on {e['images']} images: one gradient "
@@ -204,7 +223,7 @@ def _metrics(report: dict) -> dict[str, float]:
                     if isinstance(r.get(field), float) and r[field] == r[field]
                 }
             )
-    for section in ("eps_list", "training", "end_to_end", "startup"):
+    for section in ("model_passes", "eps_list", "training", "end_to_end", "startup"):
         for key, value in flatten(report.get(section, {})).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[f"{section}.{key}"] = value

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import cast
 
@@ -86,13 +87,13 @@ def attack_rows(
     floor_passes = attack.floor(setup.hyper)
     jacobian_rows = attack.jacobian_rows(setup.hyper, setup.num_classes)
     if jacobian_rows:  # a counted pass of ours is a forward and a batched backward of that many rows
-        floor = forward_jacobian(setup.model, jacobian_rows)
+        floor = forward_jacobian(setup.our_model, jacobian_rows)
         floor_name = f"floor: fwd + {jacobian_rows}-logit Jacobian, as many as counted in ours"
     elif attack.forward_only:  # a black-box attack: its floor is forward passes only
-        floor = forwards(setup.model, floor_passes or 1)
+        floor = forwards(setup.our_model, floor_passes or 1)
         floor_name = f"floor: {floor_passes} forward passes (no gradients)"
     else:
-        floor = forward_backward(setup.model, floor_passes or 1)
+        floor = forward_backward(setup.our_model, floor_passes or 1)
         floor_name = f"floor: {floor_passes} fwd+bwd" if floor_passes else "floor: fwd+bwd as counted in ours"
     rows = []  # (key, label, role, run over all images, floor key)
     if setup.split is not None:
@@ -128,9 +129,16 @@ def attack_rows(
             )
     runs = {key: (run if role == "peer" else over_batches(run, bs)) for key, _, role, run, _ in rows}
 
-    counter, outputs, passes = PassCounter(setup.model), {}, {}
+    # the peers attack the model as given, ours and the floor the model the attack step attacks
+    counters = {id(model): PassCounter(model) for model in (setup.model, setup.our_model)}
+    counter_of = {
+        key: counters[id(setup.model if role == "peer" else setup.our_model)] for key, _, role, _, _ in rows
+    }
+    outputs, passes = {}, {}
 
     def timed(key):
+        counter = counter_of[key]
+
         def call():
             before = counter.backward
             counter.counting = True
@@ -152,7 +160,8 @@ def attack_rows(
             },
         )
     finally:
-        counter.remove()
+        for counter in counters.values():
+            counter.remove()
     if floor_passes is None:  # one counted pass per image was timed: scale to ours
         for floor_key in ("floor", "floor_split"):
             if floor_key in seconds:
@@ -205,11 +214,28 @@ def attack_rows(
     return table + missing
 
 
+def model_passes(setup: Setup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
+    """Forward and forward+backward passes (one call per batch) of the model as given and as
+    ours attacks it (on a CPU with fast_cpu_model: pipeline.models.fast), in img/s, and the
+    speed-ups the rewritten copy brings."""
+    fns: dict[str, Callable[[], object]] = {}
+    for name, model in (("given", setup.model), ("ours", setup.our_model)):
+        for kind, make in (("forward", forward), ("forward_backward", forward_backward)):
+            run = over_batches(make(model), setup.batch_size)
+            fns[f"{name}_{kind}"] = partial(run, x, y)
+    seconds = median_seconds(fns, repeats, setup.device)
+    result: dict = {"images": len(x), "rewritten": setup.fast_model is not None}
+    result |= {f"{key}_images_per_second": len(x) / s for key, s in seconds.items()}
+    for kind in ("forward", "forward_backward"):
+        result[f"{kind}_speedup"] = seconds[f"given_{kind}"] / seconds[f"ours_{kind}"]
+    return result
+
+
 def eps_list_row(setup: Setup, eps_list: list[float], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
     """FGSM over K eps as the attack step runs it: one gradient + K evaluations, against K
     separate attack+evaluation jobs. Expected costs from the passes measured the same way:
     1 fwd+bwd + K fwd, and K (fwd+bwd + fwd)."""
-    model, bs, k = setup.model, setup.batch_size, len(eps_list)
+    model, bs, k = setup.our_model, setup.batch_size, len(eps_list)
     evaluate = forward(model)
 
     def one_gradient(xb, yb):

@@ -49,6 +49,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, user_message
 from pipeline.models import load_classifier
+from pipeline.models.fast import for_cpu_attacks
 from pipeline.models.training import Checkpoint, checkpoint_for
 from pipeline.papers.published import predict
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
@@ -57,7 +58,7 @@ from pipeline.tracking.store import Tracker, provenance_tags
 ATTACKS = ("fgsm", "pgd40", "pgd50", "pgd100", "autoattack")  # conf/robust.yaml's sections, in order
 ROWS = ("clean", *ATTACKS)
 # this command's settings that every recipe takes as they are (a recipe may not override them)
-SHARED = ("seed", "paths", "trainer", "cpu_workers", "tracking")
+SHARED = ("seed", "paths", "trainer", "cpu_workers", "fast_cpu_model", "tracking")
 # what a recipe sets, not the command line: overriding them for `make robust` itself would change nothing
 RECIPE_KEYS = ("train", "model", "data", "attack", "checkpoint", "n_eval")
 PAPER_EPS = 0.3  # every paper below trained and evaluated at this radius
@@ -508,6 +509,8 @@ def produce(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         for name, checkpoint in checkpoints.items():
             log(f"{name}: attacking {len(x):,} test images ({checkpoint.path.name})")
             model = load_classifier(checkpoint.path).requires_grad_(False).to(device)
+            if cfg.fast_cpu_model and device.type == "cpu":
+                model = for_cpu_attacks(model)
             recipes[name] = {
                 "overrides": overrides_of(cfg, name),
                 "model": configs[name].model.name,
