@@ -23,7 +23,7 @@ from pipeline.attacks.targets import choose_targets, random_offsets
 from pipeline.config import attack_fn, eps_values
 from pipeline.errors import raise_if_stopped
 from pipeline.metrics import min_norm_summary, per_sample, summarize
-from pipeline.models.fast import for_cpu_attacks
+from pipeline.models.fast import attacked_model
 from pipeline.models.trainer import lightning_trainer
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
 
@@ -298,12 +298,12 @@ def run_attack(
     """Attack every image of `eval_set` (image, label, position) as `cfg.attack` says (crafted on
     `surrogate` if given: a transfer attack)."""
     trainer = lightning_trainer(cfg, inference_mode=False)  # attacks need gradients
-    workers = cpu_workers(cfg.cpu_workers) if trainer.strategy.root_device.type == "cpu" else 1
+    device = trainer.strategy.root_device
+    workers = cpu_workers(cfg.cpu_workers) if device.type == "cpu" else 1
     split = CoreSplit(workers) if workers > 1 else None
-    if cfg.fast_cpu_model and trainer.strategy.root_device.type == "cpu":
-        classifier = for_cpu_attacks(classifier.eval().requires_grad_(False))
-        if surrogate is not None:
-            surrogate = for_cpu_attacks(surrogate.eval().requires_grad_(False))
+    classifier = attacked_model(classifier, cfg.fast_cpu_model, device)
+    if surrogate is not None:
+        surrogate = attacked_model(surrogate, cfg.fast_cpu_model, device)
     step = AttackStep(
         classifier,
         attack_fn(cfg.attack),

@@ -17,7 +17,7 @@ from pipeline.bench.startup import startup_seconds
 from pipeline.config import build, is_pretrained
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
-from pipeline.models.fast import for_cpu_attacks
+from pipeline.models.fast import attacked_model
 from pipeline.models.training import checkpoint_for
 from pipeline.parallel import CoreSplit, cpu_workers
 from pipeline.tracking.store import Tracker, provenance_tags
@@ -82,8 +82,8 @@ def run_bench(cfg: DictConfig) -> dict:
         setup = Setup(
             model, float(cfg.eps), cfg.batch_size, device, tuple(x.shape[1:]), cfg.data.num_classes, split
         )
-        if cfg.fast_cpu_model and device.type == "cpu":  # ours attacks the model as the attack step does
-            setup.fast_model = for_cpu_attacks(model)
+        attacked = attacked_model(model, cfg.fast_cpu_model, device)  # as the attack step attacks it
+        setup.fast_model = attacked if attacked is not model else None
         report = _sections(cfg, setup, x, y, tracker, str(path))
     paths = rep.save(report, Path(cfg.paths.outputs) / "bench")
     report["mlflow_run_id"] = rep.log(tracker, cfg.tracking.experiment, report, paths)

@@ -105,6 +105,11 @@ def for_cpu_attacks(model: nn.Module) -> nn.Module:
             _swap_relu_pool(module)
         elif isinstance(module, nn.Conv2d) and _gemm_gradient_applies(module):
             module.__class__ = InputGradConv2d  # the same parameters, buffers and hooks
-    if any(isinstance(m, nn.Conv2d) for m in fast.modules()):
-        fast = fast.to(memory_format=torch.channels_last)
-    return fast.eval()
+    return fast.to(memory_format=torch.channels_last).eval()  # 4-d weights only
+
+
+def attacked_model(model: nn.Module, fast_cpu_model: bool, device: torch.device) -> nn.Module:
+    """The model an attack on `device` runs on: `model`, frozen in eval mode, or on a CPU with
+    `fast_cpu_model` (the config key) its rewritten copy."""
+    model = model.eval().requires_grad_(False)
+    return for_cpu_attacks(model) if fast_cpu_model and device.type == "cpu" else model

@@ -49,7 +49,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, user_message
 from pipeline.models import load_classifier
-from pipeline.models.fast import for_cpu_attacks
+from pipeline.models.fast import attacked_model
 from pipeline.models.training import Checkpoint, checkpoint_for
 from pipeline.papers.published import predict
 from pipeline.parallel import CoreSplit, cpu_workers, split_or_call
@@ -508,9 +508,7 @@ def produce(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         split = stack.enter_context(CoreSplit(workers)) if workers > 1 and device.type == "cpu" else None
         for name, checkpoint in checkpoints.items():
             log(f"{name}: attacking {len(x):,} test images ({checkpoint.path.name})")
-            model = load_classifier(checkpoint.path).requires_grad_(False).to(device)
-            if cfg.fast_cpu_model and device.type == "cpu":
-                model = for_cpu_attacks(model)
+            model = attacked_model(load_classifier(checkpoint.path).to(device), cfg.fast_cpu_model, device)
             recipes[name] = {
                 "overrides": overrides_of(cfg, name),
                 "model": configs[name].model.name,
